@@ -1,0 +1,61 @@
+"""Build the pinned Go tools (control plane, etcd, kubectl, helm, kwok) into a cache outside git, once."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+TOOLS_DIR = Path(__file__).resolve().parent.parent / "tools"
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm")
+# (module directory under hack/tools, binary name, package) for every binary.
+PACKAGES = (
+    (".", "etcd", "./etcd"),
+    (".", "kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+    (".", "kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+    (".", "kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler"),
+    (".", "kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+    (".", "helm", "helm.sh/helm/v3/cmd/helm"),
+    ("kwok", "kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunery" / "tools"
+
+
+def bin_dir() -> Path:
+    """Where the binaries for the pinned versions live: keyed by a hash of every go.mod, go.sum and source file."""
+    digest = hashlib.sha256()
+    for path in sorted(TOOLS_DIR.rglob("*")):
+        if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
+            digest.update(str(path.relative_to(TOOLS_DIR)).encode())
+            digest.update(path.read_bytes())
+    return cache_root() / digest.hexdigest()[:16] / "bin"
+
+
+def ensure_built(log=print) -> Path:
+    """Build whatever binary is missing; return the directory that holds them all."""
+    target = bin_dir()
+    missing = [entry for entry in PACKAGES if not (target / entry[1]).is_file()]
+    if not missing:
+        return target
+    if shutil.which("go") is None:
+        raise SystemExit("local-env: the Go toolchain is needed to build the control plane; install Go 1.24 or newer")
+    target.mkdir(parents=True, exist_ok=True)
+    for module in sorted({entry[0] for entry in missing}):
+        names = [entry[1] for entry in missing if entry[0] == module]
+        packages = [entry[2] for entry in missing if entry[0] == module]
+        log(f"local-env: building {', '.join(names)} (first run only; several minutes)")
+        with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+            env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
+            subprocess.run(
+                ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", staging + "/", *packages],
+                cwd=TOOLS_DIR / module,
+                env=env,
+                check=True,
+            )
+            for name in names:
+                os.replace(Path(staging) / name, target / name)
+    return target

@@ -1,0 +1,116 @@
+"""The FineTuneJob status: phase, kstatus conditions, progress, metrics, checkpoints, model and serving."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from tunery.api.base import ApiModel
+
+Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal["Ready", "Reconciling", "Stalled", "Validated", "Complete", "Failed", "ModelPublished", "Serving"]
+
+
+class Condition(ApiModel):
+    """A kstatus condition (the shape of metav1.Condition), read by kubectl wait, Argo CD and Flux."""
+
+    type: ConditionType
+    """Condition type."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    observed_generation: int | None = Field(None, ge=0)
+    """The metadata.generation this condition was computed from."""
+    last_transition_time: datetime
+    """When status last changed."""
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    """CamelCase reason for the last transition."""
+    message: str = Field("", max_length=32768)
+    """Human-readable details."""
+
+
+class Progress(ApiModel):
+    """Training progress as reported by the trainer."""
+
+    step: int = Field(0, ge=0)
+    """Optimiser steps done."""
+    total_steps: int = Field(0, ge=0)
+    """Optimiser steps planned."""
+    epoch: float = Field(0, ge=0)
+    """Epochs done (fractional)."""
+    percent: int = Field(0, ge=0, le=100)
+    """step / totalSteps, in percent."""
+    eta_seconds: int | None = Field(None, ge=0)
+    """Estimated seconds until training ends."""
+
+
+class CheckpointRecord(ApiModel):
+    """A complete checkpoint in storage."""
+
+    step: int = Field(ge=0)
+    """Optimiser step of the checkpoint."""
+    uri: str
+    """Where the checkpoint is stored."""
+    eval_loss: float | None = None
+    """Validation loss at this step, when evaluated."""
+
+
+class ModelRecord(ApiModel):
+    """The published model."""
+
+    uri: str
+    """Where the published model is stored."""
+    name: str
+    """The name it is served under."""
+
+
+class ServingStatus(ApiModel):
+    """The inference endpoint's state."""
+
+    phase: Literal["Deploying", "Ready", "Failed"]
+    """Deploying until the ready replicas serve the current model."""
+    endpoint: str = ""
+    """In-cluster base URL of the OpenAI-compatible API."""
+    ready_replicas: int = Field(0, ge=0)
+    """Replicas ready to serve."""
+
+
+class Failure(ApiModel):
+    """Why the job failed, in terms a user can act on."""
+
+    reason: str = Field(max_length=256)
+    """CamelCase failure class, for example InvalidSpec, OOMKilled, DeadlineExceeded, DataError."""
+    message: str = Field(max_length=32768)
+    """What happened and how to fix it."""
+
+
+class FineTuneJobStatus(ApiModel):
+    """The observed state of a FineTuneJob."""
+
+    phase: Phase = "Pending"
+    """Lifecycle phase."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """kstatus conditions: Ready, Reconciling, Stalled, Validated, Complete, Failed, ModelPublished, Serving."""
+    observed_generation: int | None = Field(None, ge=0)
+    """The metadata.generation the status describes."""
+    progress: Progress | None = None
+    """Training progress."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Latest training and evaluation metrics (trainLoss, evalLoss, learningRate, ...)."""
+    attempts: int = Field(0, ge=0)
+    """Training attempts started, including retries."""
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100)
+    """Complete checkpoints of the current revision, newest last."""
+    model: ModelRecord | None = None
+    """The published model."""
+    serving: ServingStatus | None = None
+    """The inference endpoint."""
+    start_time: datetime | None = None
+    """When training started."""
+    completion_time: datetime | None = None
+    """When training finished."""
+    failure: Failure | None = None
+    """Why the job failed."""
