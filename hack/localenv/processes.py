@@ -41,9 +41,14 @@ def start(state_dir: Path, name: str, argv: list[str], env: dict[str, str] | Non
     process = subprocess.Popen(
         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env
     )
+    record = {"pid": process.pid, "executable": argv[0]}
     records = _records(state_dir)
-    records[name] = {"pid": process.pid, "executable": argv[0]}
+    records[name] = record
     (state_dir / PIDS_FILE).write_text(json.dumps(records, indent=2))
+    # Popen returns while the kernel may still be loading a large binary; /proc/PID/cmdline is empty until then.
+    deadline = time.monotonic() + 10
+    while not _is_ours(record) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     return process.pid
 
 
@@ -97,10 +102,9 @@ def _records(state_dir: Path) -> dict[str, dict]:
 
 
 def _is_ours(record: dict) -> bool:
-    """True when the pid is alive and runs the executable we recorded (pids get reused)."""
+    """True when the pid runs the executable we recorded: pids get reused, and a zombie's cmdline is empty."""
     try:
         cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")[0].decode()
-        state = Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return cmdline == record["executable"] and state != "Z"
+    return cmdline == record["executable"]

@@ -43,7 +43,7 @@ def up(state_dir: Path, log=print) -> dict[str, str]:
         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
         f"-master.port.grpc={ports['master'] + _GRPC_OFFSET}", f"-volume.port.grpc={ports['volume'] + _GRPC_OFFSET}",
         f"-filer.port.grpc={ports['filer'] + _GRPC_OFFSET}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.config={s3_dir / 'identities.json'}",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.config={s3_dir / 'identities.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=512", "-volume.max=16",
     ])
     endpoint = f"http://127.0.0.1:{ports['s3']}"

@@ -36,7 +36,7 @@ SPEC_RULES: tuple[Rule, ...] = (
         "pretraining from scratch needs baseModel.config, the model configuration (for example hidden_size, num_hidden_layers)",
     ),
     Rule(
-        "has(self.baseModel.uri) || has(self.baseModel.tokenizer)",
+        "!has(self.baseModel.architecture) || has(self.baseModel.tokenizer)",
         ".baseModel.tokenizer",
         "pretraining from scratch needs a tokenizer: set baseModel.tokenizer.uri, or baseModel.tokenizer.trainVocabSize to train one",
     ),
@@ -51,7 +51,7 @@ SPEC_RULES: tuple[Rule, ...] = (
         "a trained tokenizer does not match the base model's embeddings: remove trainVocabSize, or pretrain from scratch without baseModel.uri",
     ),
     Rule(
-        "has(self.baseModel.uri) || self.method.type == 'full'",
+        "!has(self.baseModel.architecture) || self.method.type == 'full'",
         ".method.type",
         "pretraining from scratch trains every weight: set method.type to full",
     ),
