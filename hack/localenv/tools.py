@@ -22,7 +22,7 @@ PACKAGES = (
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunery" / "tools"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").resolve() / "tunery" / "tools"
 
 
 def bin_dir() -> Path:
