@@ -66,7 +66,7 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
         "--bind-address=127.0.0.1", f"--secure-port={processes.free_port()}", "--leader-elect=false",
         f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
         f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-        "--use-service-account-credentials=true", "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle",
+        "--use-service-account-credentials=true", "--controllers=*,-nodeipam,-cloud-node-lifecycle",
         "--concurrent-gc-syncs=5", "-v=1",
     ])
     processes.start(state_dir, "kube-scheduler", [

@@ -58,3 +58,12 @@ def crd(
         typer.echo(rendered, nl=False)
     for path in output or []:
         path.write_text(rendered, encoding="utf-8")
+
+
+@app.command()
+def operator() -> None:
+    """Run the FineTuneJob operator (settings from TUNERY_* environment variables; see docs/operator.md)."""
+    from tunery.controller.handlers import run
+    from tunery.controller.settings import OperatorSettings
+
+    run(OperatorSettings())

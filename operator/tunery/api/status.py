@@ -100,12 +100,16 @@ class FineTuneJobStatus(ApiModel):
     """Training progress."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Latest training and evaluation metrics (trainLoss, evalLoss, learningRate, ...)."""
+    revision: str = Field("", max_length=64)
+    """The training revision the current Job runs: a hash of the training-relevant spec (serving and suspend excluded)."""
     attempts: int = Field(0, ge=0)
     """Training attempts started, including retries."""
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100)
     """Complete checkpoints of the current revision, newest last."""
     model: ModelRecord | None = None
     """The published model."""
+    model_revision: str = Field("", max_length=64)
+    """The training revision that produced status.model."""
     serving: ServingStatus | None = None
     """The inference endpoint."""
     start_time: datetime | None = None

@@ -1,0 +1,14 @@
+"""The contract between the operator and the trainer container: paths, exit codes and the termination message."""
+
+CONFIG_DIR = "/etc/tunery"
+CONFIG_FILE = "trainer.json"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+RENDEZVOUS_PORT = 29500
+
+# Exit codes of the trainer. The bad-input classes are final: the Job's podFailurePolicy fails the Job at
+# once instead of retrying; anything else (a crash, a lost node) is retried and resumes from a checkpoint.
+EXIT_INVALID_CONFIG = 64
+EXIT_DATA_ERROR = 65
+EXIT_STORAGE_ERROR = 66
+EXIT_UNSUPPORTED = 67
+FINAL_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_DATA_ERROR, EXIT_STORAGE_ERROR, EXIT_UNSUPPORTED)

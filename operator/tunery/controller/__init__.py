@@ -1,0 +1,1 @@
+"""The FineTuneJob operator: handlers → decisions (status) → rendering (pure) and API I/O."""

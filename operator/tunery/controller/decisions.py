@@ -1,0 +1,172 @@
+"""Decide a FineTuneJob's status from what was observed: the validation result, its Job and the Job's pods."""
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tunery.api.validation import FieldError
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the status is computed from."""
+
+    generation: int
+    revision: str
+    spec_errors: list[FieldError] = field(default_factory=list)
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    queued: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The phase and why: the reason and message behind it."""
+
+    phase: str
+    reason: str
+    message: str
+
+
+# Reasons that keep pods from starting and need someone to act.
+WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+
+# Fields the operator owns in the status; the trainer owns progress, metrics, checkpoints and model.
+OPERATOR_FIELDS = ("phase", "conditions", "observedGeneration", "revision", "attempts", "startTime", "completionTime", "failure")
+
+
+def decide(observation: Observation) -> Verdict:
+    """The lifecycle phase, with a reason a user can act on."""
+    if observation.spec_errors:
+        return Verdict("Failed", "InvalidSpec", "; ".join(str(error) for error in observation.spec_errors))
+    job = observation.job
+    if job is None:
+        return Verdict("Pending", "Creating", "creating the training Job")
+    finished = _job_condition(job, "Complete") or _job_condition(job, "Failed")
+    if finished and finished["type"] == "Complete":
+        return Verdict("Succeeded", "TrainingSucceeded", "training finished")
+    if finished:
+        reason, message = _failure(finished, observation.pods)
+        return Verdict("Failed", reason, message)
+    if job["spec"].get("suspend"):
+        if observation.queued:
+            return Verdict("Queued", "Queued", "waiting for the queue to admit the Job")
+        return Verdict("Suspended", "Suspended", "spec.suspend is true; set it to false to resume from the latest checkpoint")
+    waiting = _waiting_reason(observation.pods)
+    if waiting:
+        return Verdict("Pending", *waiting)
+    if any(pod.get("status", {}).get("phase") == "Running" for pod in observation.pods):
+        return Verdict("Running", "Training", "training is running")
+    return Verdict("Pending", "Starting", "waiting for the training pods to start")
+
+
+def operator_status(observation: Observation, previous: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The operator-owned status fields; conditions keep their transition time while their status holds."""
+    verdict = decide(observation)
+    terminal = verdict.phase in ("Succeeded", "Failed")
+    wanted = {
+        "Ready": (verdict.phase == "Succeeded", verdict.reason),
+        "Reconciling": (not terminal, verdict.reason),
+        "Stalled": (verdict.phase == "Failed", verdict.reason),
+        "Complete": (verdict.phase == "Succeeded", verdict.reason),
+        "Failed": (verdict.phase == "Failed", verdict.reason),
+    }
+    before = {condition["type"]: condition for condition in previous.get("conditions", [])}
+    conditions = [
+        _condition(
+            before, "Validated", not observation.spec_errors, "InvalidSpec" if observation.spec_errors else "Valid",
+            verdict.message if observation.spec_errors else "", observation.generation, now,
+        )
+    ]
+    for kind, (holds, reason) in wanted.items():
+        message = verdict.message if holds or kind == "Ready" else ""
+        conditions.append(_condition(before, kind, holds, reason, message, observation.generation, now))
+    job_status = (observation.job or {}).get("status", {})
+    status: dict[str, Any] = {
+        "phase": verdict.phase,
+        "conditions": conditions,
+        "observedGeneration": observation.generation,
+        "revision": observation.revision,
+        "attempts": job_status.get("failed", 0) + job_status.get("succeeded", 0) + job_status.get("active", 0),
+        "startTime": job_status.get("startTime"),
+        "completionTime": job_status.get("completionTime"),
+        "failure": {"reason": verdict.reason, "message": verdict.message} if verdict.phase == "Failed" else None,
+    }
+    return status
+
+
+def _condition(
+    before: dict[str, dict[str, Any]], kind: str, holds: bool, reason: str, message: str, generation: int, now: datetime
+) -> dict[str, Any]:
+    status = "True" if holds else "False"
+    earlier = before.get(kind)
+    unchanged = earlier is not None and earlier["status"] == status
+    return {
+        "type": kind,
+        "status": status,
+        "observedGeneration": generation,
+        "lastTransitionTime": earlier["lastTransitionTime"] if unchanged else now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "reason": reason,
+        "message": message,
+    }
+
+
+def changed_fields(wanted: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The operator fields that differ from the stored status (a merge patch; None deletes)."""
+    return {key: value for key, value in wanted.items() if previous.get(key) != value}
+
+
+def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for condition in job.get("status", {}).get("conditions", []):
+        if condition["type"] == kind and condition["status"] == "True":
+            return condition
+    return None
+
+
+def _failure(condition: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str, str]:
+    """The most specific reason: the trainer's own JSON message, an OOM kill, else the Job's reason."""
+    for pod in sorted(pods, key=lambda pod: pod["metadata"].get("creationTimestamp", ""), reverse=True):
+        for container in pod.get("status", {}).get("containerStatuses", []):
+            terminated = container.get("state", {}).get("terminated") or container.get("lastState", {}).get("terminated")
+            if not terminated:
+                continue
+            if terminated.get("reason") == "OOMKilled":
+                return "OOMKilled", (
+                    f"the trainer ran out of memory in pod {pod['metadata']['name']}: raise spec.resources.memory, "
+                    "lower hyperparameters.batchSize or dataset.maxLength, or enable gradientCheckpointing"
+                )
+            reported = _trainer_message(terminated.get("message", ""))
+            if reported:
+                return reported
+    reason = condition.get("reason") or "TrainingFailed"
+    message = condition.get("message") or "the training Job failed"
+    if reason == "DeadlineExceeded":
+        message += "; raise spec.activeDeadlineSeconds or lower the training budget"
+    elif reason == "BackoffLimitExceeded":
+        message += "; each retry resumed from the latest checkpoint, see the trainer's logs"
+    return reason, message
+
+
+def _trainer_message(text: str) -> tuple[str, str] | None:
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(parsed, dict) and isinstance(parsed.get("reason"), str) and isinstance(parsed.get("message"), str):
+        return parsed["reason"], parsed["message"]
+    return None
+
+
+def _waiting_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """Why pods are not running yet, when Kubernetes says: unschedulable, or an image that cannot be pulled."""
+    for pod in pods:
+        status = pod.get("status", {})
+        for condition in status.get("conditions", []):
+            if condition["type"] == "PodScheduled" and condition["status"] == "False" and condition.get("reason") == "Unschedulable":
+                return "Unschedulable", condition.get("message", "no node fits the training pod")
+        for container in status.get("containerStatuses", []):
+            waiting = container.get("state", {}).get("waiting", {})
+            if waiting.get("reason") in WAITING_PROBLEMS:
+                return waiting["reason"], f"{container.get('image', 'the image')}: {waiting.get('message', 'cannot be pulled')}"
+    return None

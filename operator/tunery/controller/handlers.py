@@ -1,0 +1,93 @@
+"""Kopf handlers: every watch event about a FineTuneJob, its Jobs or its pods reconciles that FineTuneJob."""
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from lightkube import AsyncClient
+
+from tunery.api.resource import GROUP, PLURAL, VERSION
+from tunery.controller.kube import KubeApi
+from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL, MANAGED_BY
+from tunery.controller.reconcile import Reconciler
+from tunery.controller.settings import OperatorSettings
+
+# Kopf does not retry event handlers; a failed reconciliation is retried after these delays, the last repeating.
+RETRY_SECONDS = (1.0, 5.0, 15.0, 60.0)
+
+logger = logging.getLogger(__name__)
+
+
+def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    kopf.event(body, type=kind, reason=reason, message=message)
+
+
+class _Retrying:
+    """Runs reconciliations, scheduling a retry with backoff when one fails."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self._reconciler = reconciler
+        self._pending: set[asyncio.Task] = set()
+
+    async def __call__(self, namespace: str, name: str, attempt: int = 0) -> None:
+        try:
+            await self._reconciler.reconcile(namespace, name)
+        except Exception:
+            delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
+            logger.exception("reconciling %s/%s failed; retrying in %.0fs", namespace, name, delay)
+            task = asyncio.create_task(self._later(delay, namespace, name, attempt + 1))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _later(self, delay: float, namespace: str, name: str, attempt: int) -> None:
+        await asyncio.sleep(delay)
+        await self(namespace, name, attempt)
+
+
+def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """The operator's handlers, registered on a registry of their own (nothing registers at import time)."""
+    registry = kopf.OperatorRegistry()
+    owned = {"app.kubernetes.io/managed-by": MANAGED_BY, FINETUNEJOB_LABEL: kopf.PRESENT}
+    reconcile: dict[str, _Retrying] = {}
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """In a pod, the ServiceAccount; elsewhere, KUBECONFIG or ~/.kube/config."""
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.execution.max_workers = operator_settings.workers
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 300
+        api = KubeApi(AsyncClient(field_manager=FIELD_MANAGER))
+        reconcile["run"] = _Retrying(Reconciler(api, operator_settings, _post_event))
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def finetunejob_changed(type: str, namespace: str, name: str, **_: Any) -> None:
+        if type != "DELETED":
+            await reconcile["run"](namespace, name)
+
+    @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)
+    async def job_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+        await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
+
+    @kopf.on.event("", "v1", "pods", labels=owned, registry=registry)
+    async def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+        await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
+
+    return registry
+
+
+def run(operator_settings: OperatorSettings) -> None:
+    """Run the operator until it is stopped."""
+    liveness = f"http://0.0.0.0:{operator_settings.health_port}/healthz" if operator_settings.health_port else None
+    kopf.run(
+        registry=build_registry(operator_settings),
+        clusterwide=not operator_settings.namespaces,
+        namespaces=operator_settings.namespaces,
+        standalone=not operator_settings.peering,
+        peering_name=operator_settings.peering or None,
+        liveness_endpoint=liveness,
+    )

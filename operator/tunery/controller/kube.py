@@ -1,0 +1,58 @@
+"""API I/O for the operator: read FineTuneJobs and their children, server-side apply, patch status."""
+
+from typing import Any
+
+from lightkube import AsyncClient, codecs
+from lightkube.core.exceptions import ApiError
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.batch_v1 import Job
+from lightkube.resources.core_v1 import Pod
+from lightkube.types import CascadeType, PatchType
+
+from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
+from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL
+
+FineTuneJobResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
+
+
+class KubeApi:
+    """The few API calls reconciliation needs, returning plain dicts."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return (await self._client.get(FineTuneJobResource, name, namespace=namespace)).to_dict()
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+
+    async def apply(self, manifest: dict[str, Any]) -> None:
+        """Server-side apply under the operator's field manager; taking over fields is intended."""
+        await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
+
+    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return (await self._client.get(Job, name, namespace=namespace)).to_dict()
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+
+    async def list_jobs(self, namespace: str, finetunejob: str) -> list[dict[str, Any]]:
+        jobs = self._client.list(Job, namespace=namespace, labels={FINETUNEJOB_LABEL: finetunejob})
+        return [job.to_dict() async for job in jobs]
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        await self._client.delete(Job, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
+
+    async def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        pods = self._client.list(Pod, namespace=namespace, labels={"batch.kubernetes.io/job-name": job_name})
+        return [pod.to_dict() async for pod in pods]
+
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        await self._client.patch(
+            FineTuneJobResource.Status, name, {"status": patch}, namespace=namespace, patch_type=PatchType.MERGE
+        )

@@ -1,0 +1,40 @@
+"""Deterministic names, labels and revisions of a FineTuneJob's children."""
+
+import hashlib
+import json
+
+from tunery.api.spec import FineTuneJobSpec
+
+FIELD_MANAGER = "tunery-operator"
+MANAGED_BY = "tunery-operator"
+FINETUNEJOB_LABEL = "tunery.dev/finetunejob"
+REVISION_LABEL = "tunery.dev/revision"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Fields that do not change what is trained: editing them never starts a new revision.
+_NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds"}
+
+
+def revision(spec: FineTuneJobSpec) -> str:
+    """A short hash of the training-relevant spec, defaults included."""
+    canonical = json.dumps(spec.model_dump(mode="json", exclude=_NOT_TRAINING), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def job_name(finetunejob: str, revision_id: str) -> str:
+    return f"{finetunejob}-{revision_id}"
+
+
+def config_map_name(finetunejob: str, revision_id: str) -> str:
+    return f"{finetunejob}-{revision_id}-config"
+
+
+def labels(finetunejob: str, revision_id: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "tunery",
+        "app.kubernetes.io/instance": finetunejob,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "tunery",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        FINETUNEJOB_LABEL: finetunejob,
+        REVISION_LABEL: revision_id,
+    }

@@ -1,0 +1,102 @@
+"""Reconcile one FineTuneJob: validate, apply its revision's children, observe them, patch the status if it changed."""
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from tunery.api.spec import FineTuneJobSpec
+from tunery.api.validation import FieldError, validate_manifest
+from tunery.controller import decisions, naming
+from tunery.controller.kube import KubeApi
+from tunery.controller.render import TrainingTarget, render_training_children
+from tunery.controller.settings import OperatorSettings
+
+# Posts a Kubernetes Event about a FineTuneJob: (body, type, reason, message).
+EventPoster = Callable[[dict[str, Any], str, str, str], None]
+
+logger = logging.getLogger(__name__)
+
+
+class Reconciler:
+    """Level-triggered reconciliation; one FineTuneJob at a time, however many watch events point at it."""
+
+    def __init__(self, api: KubeApi, settings: OperatorSettings, post_event: EventPoster) -> None:
+        self._api = api
+        self._settings = settings
+        self._post_event = post_event
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def reconcile(self, namespace: str, name: str) -> None:
+        async with self._locks[(namespace, name)]:
+            body = await self._api.get_finetunejob(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            observation = await self._observe(body)
+            previous = body.get("status") or {}
+            wanted = decisions.operator_status(observation, previous, datetime.now(UTC))
+            patch = decisions.changed_fields(wanted, previous)
+            if patch:
+                await self._api.patch_status(namespace, name, patch)
+            if wanted["phase"] != previous.get("phase"):
+                verdict = decisions.decide(observation)
+                self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
+
+    async def _observe(self, body: dict[str, Any]) -> decisions.Observation:
+        metadata = body["metadata"]
+        generation = metadata.get("generation", 1)
+        errors = validate_manifest(_without_status(body)) + self._policy_errors(body)
+        if errors:
+            return decisions.Observation(generation, revision="", spec_errors=errors)
+        spec = FineTuneJobSpec.model_validate(body["spec"])
+        revision = naming.revision(spec)
+        queue = (metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL)
+        target = TrainingTarget(
+            name=metadata["name"],
+            namespace=metadata["namespace"],
+            uid=metadata["uid"],
+            spec=spec,
+            revision=revision,
+            image=spec.image or self._settings.trainer_image,
+            queue_name=queue,
+        )
+        for child in render_training_children(target):
+            await self._api.apply(child)
+        await self._stop_stale_revisions(target)
+        job = await self._api.get_job(target.namespace, target.job_name)
+        pods = await self._api.list_pods(target.namespace, target.job_name)
+        return decisions.Observation(generation, revision, job=job, pods=pods, queued=queue is not None)
+
+    def _policy_errors(self, body: dict[str, Any]) -> list[FieldError]:
+        if body.get("spec", {}).get("image") and not self._settings.allow_image_override:
+            return [
+                FieldError(
+                    "spec.image",
+                    "this operator does not allow trainer image overrides: remove spec.image, or ask the platform "
+                    "team to set TUNERY_ALLOW_IMAGE_OVERRIDE=true",
+                )
+            ]
+        return []
+
+    async def _stop_stale_revisions(self, target: TrainingTarget) -> None:
+        """A new revision replaces the old one: its unfinished Job is stopped (its checkpoints stay in storage)."""
+        for job in await self._api.list_jobs(target.namespace, target.name):
+            stale = job["metadata"]["labels"].get(naming.REVISION_LABEL) != target.revision
+            finished = any(
+                condition["type"] in ("Complete", "Failed") and condition["status"] == "True"
+                for condition in job.get("status", {}).get("conditions", [])
+            )
+            if stale and not finished:
+                logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
+                await self._api.delete_job(target.namespace, job["metadata"]["name"])
+
+
+def _event_type(verdict: decisions.Verdict) -> str:
+    troubled = verdict.phase == "Failed" or verdict.reason in decisions.WAITING_PROBLEMS
+    return "Warning" if troubled else "Normal"
+
+
+def _without_status(body: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in body.items() if key != "status"}

@@ -1,0 +1,258 @@
+"""Pure builders of a FineTuneJob's training children: the trainer ConfigMap, the Job and the headless Service."""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tunery.api import contract
+from tunery.api.resource import API_VERSION, KIND
+from tunery.api.spec import FineTuneJobSpec
+from tunery.controller import naming
+
+
+@dataclass(frozen=True)
+class TrainingTarget:
+    """What the builders need to know about one FineTuneJob revision."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: FineTuneJobSpec
+    revision: str
+    image: str
+    queue_name: str | None = None
+
+    @property
+    def job_name(self) -> str:
+        return naming.job_name(self.name, self.revision)
+
+    @property
+    def output_prefix(self) -> str:
+        """Each revision publishes under its own prefix, so a new revision never overwrites the served model."""
+        return f"{self.spec.output.uri.rstrip('/')}/{self.revision}/"
+
+    @property
+    def distributed(self) -> bool:
+        return self.spec.resources.nodes > 1 or self.spec.resources.gpus > 1
+
+
+def owner_reference(target: TrainingTarget) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": target.name,
+        "uid": target.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(target: TrainingTarget, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": target.namespace,
+        "labels": naming.labels(target.name, target.revision, component),
+        "ownerReferences": [owner_reference(target)],
+    }
+
+
+def trainer_config(target: TrainingTarget) -> dict[str, Any]:
+    """The trainer's configuration: the defaulted spec plus where this revision writes. Never a secret."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "TrainerConfig",
+        "finetuneJob": {"name": target.name, "namespace": target.namespace, "uid": target.uid},
+        "revision": target.revision,
+        "outputUri": target.output_prefix,
+        "checkpointUri": f"{target.output_prefix}checkpoints/",
+        "spec": target.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+    }
+
+
+def render_config_map(target: TrainingTarget) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(target, naming.config_map_name(target.name, target.revision), "trainer-config"),
+        "data": {contract.CONFIG_FILE: json.dumps(trainer_config(target), indent=2, sort_keys=True)},
+    }
+
+
+def render_headless_service(target: TrainingTarget) -> dict[str, Any]:
+    """Stable DNS names for the Indexed Job's pods (JOB-0.JOB), so index 0 can be torchrun's rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(target, target.job_name, "trainer"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"batch.kubernetes.io/job-name": target.job_name},
+            "ports": [{"name": "rendezvous", "port": contract.RENDEZVOUS_PORT, "targetPort": contract.RENDEZVOUS_PORT}],
+        },
+    }
+
+
+def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": spec.storage.region}]
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint})
+    if spec.storage.credentials_secret:
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
+    return env
+
+
+def _command(target: TrainingTarget) -> tuple[list[str], list[dict[str, Any]]]:
+    """The trainer command, under torchrun when there is more than one process; with its rendezvous env."""
+    config = f"--config={contract.CONFIG_DIR}/{contract.CONFIG_FILE}"
+    resources = target.spec.resources
+    if not target.distributed:
+        return ["tunery-trainer", config], []
+    processes = f"--nproc-per-node={max(resources.gpus, 1)}"
+    if resources.nodes == 1:
+        return ["torchrun", "--standalone", processes, "-m", "tunery_trainer", config], []
+    env = [
+        {"name": "NNODES", "value": str(resources.nodes)},
+        {"name": "MASTER_ADDR", "value": f"{target.job_name}-0.{target.job_name}"},
+        {"name": "MASTER_PORT", "value": str(contract.RENDEZVOUS_PORT)},
+        {
+            "name": "NODE_RANK",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+    ]
+    command = [
+        "torchrun",
+        "--nnodes=$(NNODES)",
+        processes,
+        "--node-rank=$(NODE_RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "-m",
+        "tunery_trainer",
+        config,
+    ]
+    return command, env
+
+
+def _resources(target: TrainingTarget) -> dict[str, Any]:
+    resources = target.spec.resources
+    requests = {"cpu": resources.cpu, "memory": resources.memory}
+    limits: dict[str, Any] = {"memory": resources.memory}
+    if resources.gpus:
+        requests[resources.gpu_resource] = str(resources.gpus)
+        limits[resources.gpu_resource] = str(resources.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def render_job(target: TrainingTarget) -> dict[str, Any]:
+    """The batch/v1 Job that trains one revision: Indexed across nodes, restricted security, final exit codes not retried."""
+    spec = target.spec
+    command, rendezvous_env = _command(target)
+    labels = naming.labels(target.name, target.revision, "trainer")
+    if target.queue_name:
+        labels[naming.KUEUE_QUEUE_LABEL] = target.queue_name
+    container = {
+        "name": "trainer",
+        "image": target.image,
+        "command": command,
+        "env": [
+            *_storage_env(spec),
+            {"name": "TUNERY_FINETUNEJOB", "value": target.name},
+            {"name": "TUNERY_NAMESPACE", "value": target.namespace},
+            {"name": "TUNERY_REVISION", "value": target.revision},
+            {"name": "HF_HOME", "value": "/var/cache/tunery/huggingface"},
+            {"name": "TMPDIR", "value": "/tmp"},
+            *rendezvous_env,
+        ],
+        "resources": _resources(target),
+        "ports": [{"name": "metrics", "containerPort": 9090}]
+        + ([{"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT}] if target.spec.resources.nodes > 1 else []),
+        "volumeMounts": [
+            {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
+            {"name": "cache", "mountPath": "/var/cache/tunery"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": naming.config_map_name(target.name, target.revision)}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(spec)}},
+        ],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+    }
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [
+            toleration.model_dump(by_alias=True, exclude_none=True) for toleration in spec.resources.tolerations
+        ]
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": "trainer", "operator": "In", "values": list(contract.FINAL_EXIT_CODES)},
+                },
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    # Kueue owns spec.suspend of queued Jobs: the operator leaves the field alone for them.
+    if not target.queue_name:
+        job_spec["suspend"] = spec.suspend
+    if spec.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+    if spec.resources.nodes > 1:
+        pod_spec["subdomain"] = target.job_name
+        job_spec.update(
+            completionMode="Indexed",
+            completions=spec.resources.nodes,
+            parallelism=spec.resources.nodes,
+        )
+    metadata = _metadata(target, target.job_name, "trainer")
+    metadata["labels"] = labels
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def _shm_size(spec: FineTuneJobSpec) -> str:
+    """Shared memory for data-loader workers and NCCL: 1Gi per GPU, at least 1Gi."""
+    return f"{max(spec.resources.gpus, 1)}Gi"
+
+
+def render_training_children(target: TrainingTarget) -> list[dict[str, Any]]:
+    """Every child of the revision, in the order they must be applied (the Job last)."""
+    children = [render_config_map(target)]
+    if target.spec.resources.nodes > 1:
+        children.append(render_headless_service(target))
+    children.append(render_job(target))
+    return children

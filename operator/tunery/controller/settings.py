@@ -1,0 +1,35 @@
+"""The operator's settings, read from TUNERY_* environment variables."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import Annotated
+
+from pydantic import field_validator
+
+
+class OperatorSettings(BaseSettings):
+    """How this operator process runs; every field can be set as TUNERY_<NAME> (for example TUNERY_NAMESPACES)."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", extra="ignore")
+
+    namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Namespaces to watch (comma-separated); empty watches the whole cluster."""
+    trainer_image: str = "ghcr.io/tunery/trainer:0.1.0"
+    """The trainer image for Jobs whose spec.image is empty."""
+    allow_image_override: bool = False
+    """Whether spec.image may replace the trainer image."""
+    workers: int = Field(20, ge=1)
+    """Concurrent reconciliations."""
+    peering: str = ""
+    """Kopf peering name for running several replicas (one active); empty runs standalone."""
+    metrics_port: int = Field(8080, ge=0, le=65535)
+    """Port of the Prometheus /metrics endpoint; 0 disables it."""
+    health_port: int = Field(8081, ge=0, le=65535)
+    """Port of the liveness endpoint (/healthz); 0 disables it."""
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
