@@ -225,7 +225,7 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
         },
-        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
     }
     # Kueue owns spec.suspend of queued Jobs: the operator leaves the field alone for them.
     if not target.queue_name:

@@ -1,0 +1,213 @@
+"""The operator process against the real control plane: kwok runs the pods, the status tells the story."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import EXAMPLES, REPO_ROOT, Kube
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "operator-e2e"
+CRD_FILE = REPO_ROOT / "crds" / "tunery.dev_finetunejobs.yaml"
+
+
+class OperatorProcess:
+    """`tunery operator` as a real process, watching one namespace; it can be killed and started again."""
+
+    def __init__(self, kube: Kube, log_path: Path) -> None:
+        self._env = {
+            **os.environ,
+            "KUBECONFIG": str(kube.kubeconfig),
+            "TUNERY_NAMESPACES": NAMESPACE,
+            "TUNERY_HEALTH_PORT": "0",
+            "TUNERY_TRAINER_IMAGE": "ghcr.io/tunery/trainer:e2e",
+        }
+        self._log_path = log_path
+        self._process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self._log_path, "ab")
+        self._process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "tunery"), "operator"], env=self._env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def kill(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGKILL)
+        self._process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")[-5000:]
+
+
+@pytest.fixture(scope="module")
+def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    kube.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    kube.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.tunery.dev", "--timeout=60s")
+    kube.kubectl("create", "namespace", NAMESPACE, check=False)
+    process = OperatorProcess(kube, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+def manifest(example: str, name: str, **spec_changes) -> str:
+    document = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
+    document["metadata"] = {"name": name, "namespace": NAMESPACE, **{k: v for k, v in document["metadata"].items() if k == "labels"}}
+    document["spec"].update(spec_changes)
+    return yaml.safe_dump(document)
+
+
+def get(kube: Kube, kind: str, name: str) -> dict:
+    return json.loads(kube.kubectl("get", kind, name, "-n", NAMESPACE, "-o", "json").stdout)
+
+
+def wait_for(kube: Kube, operator: OperatorProcess, name: str, predicate, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = get(kube, "ftj", name)
+        if predicate(body.get("status") or {}):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} did not reach the expected state; status: {body.get('status')}\n{operator.log()}")
+        time.sleep(0.5)
+
+
+def children(kube: Kube, kind: str, name: str) -> list[dict]:
+    listed = kube.kubectl("get", kind, "-n", NAMESPACE, "-l", f"tunery.dev/finetunejob={name}", "-o", "json").stdout
+    return json.loads(listed)["items"]
+
+
+def events(kube: Kube, name: str) -> list[dict]:
+    listed = kube.kubectl("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={name}", "-o", "json")
+    return json.loads(listed.stdout)["items"]
+
+
+def condition(status: dict, kind: str) -> dict:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+def test_apply_trains_to_complete(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "chat"))
+    body = wait_for(kube, operator, "chat", lambda status: status.get("phase") == "Succeeded")
+    kube.kubectl("wait", "-n", NAMESPACE, "--for=condition=Complete", "ftj/chat", "--timeout=10s")
+    status = body["status"]
+    assert condition(status, "Ready")["status"] == "True" and condition(status, "Stalled")["status"] == "False"
+    assert status["observedGeneration"] == body["metadata"]["generation"] and status["attempts"] == 1
+    jobs = children(kube, "jobs", "chat")
+    assert [job["metadata"]["name"] for job in jobs] == [f"chat-{status['revision']}"]
+    pod_spec = jobs[0]["spec"]["template"]["spec"]
+    assert pod_spec["containers"][0]["image"] == "ghcr.io/tunery/trainer:e2e"
+    assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert jobs[0]["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    assert len(children(kube, "configmaps", "chat")) == 1
+    reasons = [event["reason"] for event in events(kube, "chat")]
+    assert "TrainingSucceeded" in reasons
+
+
+def test_invalid_spec_fails_without_children(kube: Kube, operator: OperatorProcess) -> None:
+    bad = (REPO_ROOT / "tests" / "manifests" / "invalid" / "bad-target-modules.yaml").read_text()
+    kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=bad)
+    body = wait_for(kube, operator, "bad-target-modules", lambda status: status.get("phase") == "Failed")
+    status = body["status"]
+    assert status["failure"]["reason"] == "InvalidSpec" and "spec.method.lora.targetModules" in status["failure"]["message"]
+    assert condition(status, "Validated")["status"] == "False" and condition(status, "Stalled")["status"] == "True"
+    assert children(kube, "jobs", "bad-target-modules") == [] and children(kube, "configmaps", "bad-target-modules") == []
+    warnings = [event for event in events(kube, "bad-target-modules") if event["type"] == "Warning"]
+    assert warnings and warnings[0]["reason"] == "InvalidSpec"
+
+
+def test_image_override_is_refused_by_policy(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "own-image", image="evil.example/trainer:latest"))
+    body = wait_for(kube, operator, "own-image", lambda status: status.get("phase") == "Failed")
+    assert "spec.image" in body["status"]["failure"]["message"]
+    assert children(kube, "jobs", "own-image") == []
+
+
+def test_unschedulable_reason_reaches_the_status(kube: Kube, operator: OperatorProcess) -> None:
+    huge = {"gpus": 16, "memory": "64Gi"}
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "too-big", resources=huge))
+    body = wait_for(kube, operator, "too-big", lambda status: (status.get("failure") or {}).get("reason") == "Unschedulable"
+                    or condition(status, "Ready").get("reason") == "Unschedulable")
+    assert body["status"]["phase"] == "Pending"
+    assert "nvidia.com/gpu" in condition(body["status"], "Ready")["message"]
+    assert any(event["type"] == "Warning" and event["reason"] == "Unschedulable" for event in events(kube, "too-big"))
+
+
+def test_suspend_and_resume(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "paused", suspend=True))
+    wait_for(kube, operator, "paused", lambda status: status.get("phase") == "Suspended")
+    [job] = children(kube, "jobs", "paused")
+    assert job["spec"]["suspend"] is True
+    kube.kubectl("patch", "ftj", "paused", "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    body = wait_for(kube, operator, "paused", lambda status: status.get("phase") == "Succeeded")
+    assert [job["metadata"]["name"] for job in children(kube, "jobs", "paused")] == [f"paused-{body['status']['revision']}"]
+
+
+def test_training_change_starts_a_new_revision_and_reapply_is_a_no_op(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "revised"))
+    first = wait_for(kube, operator, "revised", lambda status: status.get("phase") == "Succeeded")["status"]["revision"]
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "revised"))
+    time.sleep(2)
+    assert len(children(kube, "jobs", "revised")) == 1
+    changed = {"epochs": 1, "learningRate": 1.0e-4, "batchSize": 8}
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "revised", hyperparameters=changed))
+    body = wait_for(kube, operator, "revised", lambda status: status.get("revision") not in (None, first) and status.get("phase") == "Succeeded")
+    assert sorted(job["metadata"]["labels"]["tunery.dev/revision"] for job in children(kube, "jobs", "revised")) == sorted([first, body["status"]["revision"]])
+
+
+def test_operator_restart_creates_no_duplicates(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "restarted", suspend=True))
+    wait_for(kube, operator, "restarted", lambda status: status.get("phase") == "Suspended")
+    [job] = children(kube, "jobs", "restarted")
+    operator.kill()
+    kube.kubectl("patch", "ftj", "restarted", "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    operator.start()
+    wait_for(kube, operator, "restarted", lambda status: status.get("phase") == "Succeeded")
+    [after] = children(kube, "jobs", "restarted")
+    assert after["metadata"]["uid"] == job["metadata"]["uid"]
+
+
+def test_delete_cascades_to_children(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "doomed", suspend=True))
+    wait_for(kube, operator, "doomed", lambda status: status.get("phase") == "Suspended")
+    assert children(kube, "jobs", "doomed") and children(kube, "configmaps", "doomed")
+    kube.kubectl("delete", "ftj", "doomed", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
+    deadline = time.monotonic() + 60
+    while children(kube, "jobs", "doomed") or children(kube, "configmaps", "doomed"):
+        assert time.monotonic() < deadline, "children were not garbage-collected"
+        time.sleep(0.5)
+
+
+def test_multi_node_job_and_rendezvous_service(kube: Kube, operator: OperatorProcess) -> None:
+    spec = yaml.safe_load((REPO_ROOT / "examples" / "qlora-multinode.yaml").read_text())["spec"]
+    resources = {**spec["resources"], "priorityClassName": ""}
+    kube.kubectl("apply", "-f", "-", input=manifest("qlora-multinode.yaml", "multi", resources=resources))
+    body = wait_for(kube, operator, "multi", lambda status: status.get("phase") == "Succeeded")
+    name = f"multi-{body['status']['revision']}"
+    [job] = children(kube, "jobs", "multi")
+    [service] = children(kube, "services", "multi")
+    assert job["spec"]["completionMode"] == "Indexed" and job["status"]["succeeded"] == 2
+    assert service["metadata"]["name"] == name and service["spec"]["clusterIP"] == "None"
+    pods = json.loads(kube.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"batch.kubernetes.io/job-name={name}", "-o", "json").stdout)["items"]
+    hostnames = sorted(f"{pod['spec']['hostname']}.{pod['spec']['subdomain']}" for pod in pods)
+    assert hostnames == [f"{name}-0.{name}", f"{name}-1.{name}"]
+    env = {item["name"]: item.get("value") for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MASTER_ADDR"] == hostnames[0]

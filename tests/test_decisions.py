@@ -1,0 +1,102 @@
+"""Status decisions: the phase, conditions and failure reasons computed from observed Jobs and pods."""
+
+from datetime import UTC, datetime, timedelta
+
+from tunery.api.validation import FieldError
+from tunery.controller.decisions import Observation, changed_fields, decide, operator_status
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def job(*conditions: tuple[str, str, str], suspend: bool = False, **status) -> dict:
+    return {
+        "metadata": {"name": "ft-1234abcd"},
+        "spec": {"suspend": suspend},
+        "status": {
+            "conditions": [{"type": kind, "status": "True", "reason": reason, "message": message} for kind, reason, message in conditions],
+            **status,
+        },
+    }
+
+
+def pod(phase: str = "Pending", conditions=(), container_state=None, last_state=None, created: str = "2026-11-22T11:00:00Z") -> dict:
+    container = {"name": "trainer", "image": "ghcr.io/tunery/trainer:1", "state": container_state or {}, "lastState": last_state or {}}
+    return {
+        "metadata": {"name": f"ft-1234abcd-{created[-3:-1]}", "creationTimestamp": created},
+        "status": {"phase": phase, "conditions": list(conditions), "containerStatuses": [container]},
+    }
+
+
+def observe(**fields) -> Observation:
+    return Observation(generation=3, revision="1234abcd", **fields)
+
+
+def test_invalid_spec_fails_and_stalls_with_the_field_message() -> None:
+    observation = observe(spec_errors=[FieldError("spec.resources.gpus", "qlora needs a GPU")])
+    status = operator_status(observation, {}, NOW)
+    assert status["phase"] == "Failed"
+    assert status["failure"] == {"reason": "InvalidSpec", "message": "spec.resources.gpus: qlora needs a GPU"}
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Validated"]["status"] == "False" and "spec.resources.gpus" in conditions["Validated"]["message"]
+    assert conditions["Stalled"]["status"] == "True" and conditions["Ready"]["status"] == "False"
+    assert conditions["Reconciling"]["status"] == "False"
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_lifecycle_phases() -> None:
+    assert decide(observe()).phase == "Pending"
+    assert decide(observe(job=job(), pods=[pod()])).reason == "Starting"
+    assert decide(observe(job=job(), pods=[pod("Running")])).phase == "Running"
+    assert decide(observe(job=job(("Complete", "Completed", "")))).phase == "Succeeded"
+    assert decide(observe(job=job(suspend=True))).phase == "Suspended"
+    assert decide(observe(job=job(suspend=True), queued=True)).phase == "Queued"
+
+
+def test_succeeded_is_ready_and_complete() -> None:
+    status = operator_status(observe(job=job(("Complete", "Completed", ""), succeeded=1)), {}, NOW)
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Validated": "True", "Ready": "True", "Reconciling": "False", "Stalled": "False", "Complete": "True", "Failed": "False"}
+    assert status["failure"] is None and status["attempts"] == 1
+
+
+def test_oom_killed_is_named_with_a_fix() -> None:
+    failed = job(("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"), failed=4)
+    oom = pod("Failed", container_state={"terminated": {"reason": "OOMKilled", "exitCode": 137}})
+    verdict = decide(observe(job=failed, pods=[oom]))
+    assert verdict.reason == "OOMKilled" and "spec.resources.memory" in verdict.message
+
+
+def test_trainer_termination_message_wins() -> None:
+    failed = job(("Failed", "PodFailurePolicy", "Container trainer exited with 65"))
+    message = '{"reason": "DataError", "message": "s3://data/train.jsonl row 17: missing column text"}'
+    crashed = pod("Failed", container_state={"terminated": {"exitCode": 65, "message": message}})
+    assert decide(observe(job=failed, pods=[crashed])).reason == "DataError"
+    assert "row 17" in decide(observe(job=failed, pods=[crashed])).message
+
+
+def test_kubernetes_reason_when_the_trainer_said_nothing() -> None:
+    failed = job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))
+    verdict = decide(observe(job=failed, pods=[pod("Failed", container_state={"terminated": {"exitCode": 143, "message": "Killed"}})]))
+    assert verdict.reason == "DeadlineExceeded" and "activeDeadlineSeconds" in verdict.message
+
+
+def test_unschedulable_keeps_the_scheduler_message() -> None:
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    verdict = decide(observe(job=job(), pods=[pod(conditions=[unschedulable])]))
+    assert verdict.phase == "Pending" and verdict.reason == "Unschedulable" and "Insufficient nvidia.com/gpu" in verdict.message
+
+
+def test_image_pull_errors_are_named() -> None:
+    waiting = {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}
+    verdict = decide(observe(job=job(), pods=[pod(container_state=waiting)]))
+    assert verdict.reason == "ImagePullBackOff" and "ghcr.io/tunery/trainer:1" in verdict.message
+
+
+def test_unchanged_status_patches_nothing_and_keeps_transition_times() -> None:
+    first = operator_status(observe(job=job(), pods=[pod("Running")]), {}, NOW)
+    second = operator_status(observe(job=job(), pods=[pod("Running")]), first, NOW + timedelta(minutes=5))
+    assert changed_fields(second, first) == {}
+    finished = operator_status(observe(job=job(("Complete", "Completed", ""))), first, NOW + timedelta(minutes=9))
+    times = {c["type"]: c["lastTransitionTime"] for c in finished["conditions"]}
+    assert times["Validated"] == "2026-11-22T12:00:00Z" and times["Complete"] == "2026-11-22T12:09:00Z"
+    assert set(changed_fields(finished, first)) == {"phase", "conditions"}

@@ -1,0 +1,139 @@
+"""The training children rendered from a FineTuneJob: golden files, plus the properties that must always hold."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from tunery.api import contract
+from tunery.api.spec import FineTuneJobSpec
+from tunery.controller import naming
+from tunery.controller.render import TrainingTarget, render_training_children
+
+GOLDEN = REPO_ROOT / "tests" / "golden"
+# Regenerate the golden files after an intended change with: TUNERY_UPDATE_GOLDEN=1 make test-unit
+UPDATE = os.environ.get("TUNERY_UPDATE_GOLDEN") == "1"
+
+
+def target_for(example: str, **overrides) -> TrainingTarget:
+    manifest = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
+    spec = FineTuneJobSpec.model_validate(manifest["spec"])
+    fields = dict(
+        name=manifest["metadata"]["name"],
+        namespace="team-a",
+        uid="00000000-0000-0000-0000-000000000001",
+        spec=spec,
+        revision=naming.revision(spec),
+        image="ghcr.io/tunery/trainer:test",
+        queue_name=(manifest["metadata"].get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL),
+    )
+    return TrainingTarget(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("example", ["lora-sft-chat.yaml", "qlora-multinode.yaml", "pretrain-from-scratch.yaml"])
+def test_children_match_golden_files(example: str) -> None:
+    children = render_training_children(target_for(example))
+    # The trainer config is JSON in the ConfigMap; the golden file shows it parsed, so that diffs are readable.
+    children[0]["data"] = {key: json.loads(value) for key, value in children[0]["data"].items()}
+    rendered = yaml.safe_dump_all(children, sort_keys=False, width=120)
+    golden = GOLDEN / example
+    if UPDATE:
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), f"rendering changed; if intended, regenerate {golden}"
+
+
+def test_every_child_is_owned_and_labelled() -> None:
+    target = target_for("qlora-multinode.yaml")
+    for child in render_training_children(target):
+        owner = child["metadata"]["ownerReferences"][0]
+        assert owner == {
+            "apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob", "name": target.name,
+            "uid": target.uid, "controller": True, "blockOwnerDeletion": True,
+        }
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tunery-operator"
+        assert child["metadata"]["labels"][naming.REVISION_LABEL] == target.revision
+        assert len(child["metadata"]["name"]) <= 63
+
+
+def test_credentials_only_as_secret_references() -> None:
+    target = target_for("lora-sft-chat.yaml")
+    config_map, job = render_training_children(target)
+    env = {item["name"]: item for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": key}}}
+    config = config_map["data"][contract.CONFIG_FILE]
+    assert "AWS_SECRET_ACCESS_KEY" not in config and "AWS_ACCESS_KEY_ID" not in config
+    assert json.loads(config)["spec"]["storage"]["credentialsSecret"] == "s3-creds"
+
+
+def test_pod_identity_when_no_secret() -> None:
+    job = render_training_children(target_for("prompt-tuning.yaml"))[-1]
+    names = [item["name"] for item in job["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert "AWS_ACCESS_KEY_ID" not in names and "AWS_SECRET_ACCESS_KEY" not in names
+
+
+def test_restricted_pod_security() -> None:
+    pod = render_training_children(target_for("lora-sft-chat.yaml"))[-1]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+    }
+    mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+    assert {"/tmp", "/dev/shm", contract.CONFIG_DIR} <= mounts
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}} in pod["volumes"]
+    assert container["terminationMessagePath"] == contract.TERMINATION_MESSAGE_PATH
+
+
+def test_gpus_requested_and_limited() -> None:
+    resources = render_training_children(target_for("qlora-multinode.yaml"))[-1]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "4"
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == "256Gi"
+
+
+def test_bad_config_exit_codes_fail_the_job_without_retries() -> None:
+    job = render_training_children(target_for("lora-sft-chat.yaml"))[-1]
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob" and rule["onExitCodes"]["values"] == list(contract.FINAL_EXIT_CODES)
+    assert job["spec"]["backoffLimit"] == 3
+
+
+def test_multi_node_is_an_indexed_job_with_a_rendezvous() -> None:
+    target = target_for("qlora-multinode.yaml")
+    _, service, job = render_training_children(target)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == target.job_name
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    env = {item["name"]: item for item in pod["containers"][0]["env"]}
+    assert env["MASTER_ADDR"]["value"] == f"{target.job_name}-0.{target.job_name}"
+    assert env["NNODES"]["value"] == "2"
+    assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert pod["containers"][0]["command"][:2] == ["torchrun", "--nnodes=$(NNODES)"]
+    assert "--nproc-per-node=4" in pod["containers"][0]["command"]
+
+
+def test_kueue_owns_suspend_of_queued_jobs() -> None:
+    queued = render_training_children(target_for("qlora-multinode.yaml"))[-1]
+    assert "suspend" not in queued["spec"]
+    assert queued["metadata"]["labels"][naming.KUEUE_QUEUE_LABEL] == "gpu-queue"
+    suspended = render_training_children(target_for("ner-bitfit.yaml"))[-1]
+    assert suspended["spec"]["suspend"] is True
+
+
+def test_revision_ignores_serving_and_suspend_but_not_training_fields() -> None:
+    spec = target_for("lora-sft-chat.yaml").spec
+    same = spec.model_copy(update={"suspend": True, "serving": spec.serving.model_copy(update={"replicas": 5})})
+    assert naming.revision(same) == naming.revision(spec)
+    other = spec.model_copy(update={"hyperparameters": spec.hyperparameters.model_copy(update={"learning_rate": 1e-5})})
+    assert naming.revision(other) != naming.revision(spec)
+
+
+def test_each_revision_writes_under_its_own_prefix() -> None:
+    target = target_for("lora-sft-chat.yaml")
+    config = json.loads(render_training_children(target)[0]["data"][contract.CONFIG_FILE])
+    assert config["outputUri"] == f"s3://models/out/support-bot/{target.revision}/"
+    assert config["spec"]["method"]["type"] == "lora" and config["revision"] == target.revision
