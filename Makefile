@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CRD := crds/tunery.dev_finetunejobs.yaml
 CHART_CRD := charts/tunery/crds/tunery.dev_finetunejobs.yaml
 
-.PHONY: help setup tools test test-unit test-integration generate validate up down status demo clean
+.PHONY: help setup tools test test-unit test-integration generate validate up down status operator demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -45,11 +45,11 @@ down: ## stop what `make up` started
 status: ## show what `make up` started
 	$(PY) hack/local-env status
 
-demo: up ## install the CRD and apply the examples on the local control plane
-	. .local/env.sh && kubectl apply --server-side -f $(CRD) \
-	  && kubectl wait --for=condition=Established crd/finetunejobs.tunery.dev --timeout=60s \
-	  && $(VENV)/bin/tunery validate examples/*.yaml \
-	  && kubectl apply --server-side -f examples/ && kubectl get ftj
+operator: up ## run the operator against the local control plane (Ctrl-C stops it)
+	. .local/env.sh && kubectl apply --server-side -f $(CRD) && $(VENV)/bin/tunery operator
+
+demo: up ## a FineTuneJob's life on the local environment: apply, operator, Complete
+	hack/demo
 
 clean: down ## remove the virtual environment and local state
 	rm -rf $(VENV) .local

@@ -20,12 +20,16 @@ def test_examples_validate(cli_env) -> None:
     assert result.stdout.count("valid") == len(EXAMPLES)
 
 
-@pytest.mark.parametrize("case", load_cases(), ids=lambda case: case.path.stem)
-def test_invalid_exits_1_with_field_path(case, cli_env) -> None:
-    result = tunery("validate", str(case.path), env=cli_env)
+def test_each_invalid_manifest_exits_1_with_its_field_path(cli_env) -> None:
+    cases = load_cases()
+    result = tunery("validate", *(str(case.path) for case in cases), env=cli_env)
     assert result.returncode == 1
-    assert f"{case.field}: " in result.stdout and case.message in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+    reports = result.stdout.split("✗ ")[1:]
+    assert len(reports) == len(cases)
+    for case, report in zip(cases, reports, strict=True):
+        assert report.startswith(str(case.path)), report
+        assert f"    {case.field}: " in report and case.message in report, report
 
 
 def test_multi_document_with_other_kinds(tmp_path: Path, cli_env) -> None:
