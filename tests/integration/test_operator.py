@@ -6,17 +6,21 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import EXAMPLES, REPO_ROOT, Kube
+from conftest import REPO_ROOT, Kube
+from localenv.processes import free_port
 
 pytestmark = pytest.mark.integration
 
 NAMESPACE = "operator-e2e"
+METRICS_PORT = free_port()
 CRD_FILE = REPO_ROOT / "crds" / "tunery.dev_finetunejobs.yaml"
 
 
@@ -29,6 +33,7 @@ class OperatorProcess:
             "KUBECONFIG": str(kube.kubeconfig),
             "TUNERY_NAMESPACES": NAMESPACE,
             "TUNERY_HEALTH_PORT": "0",
+            "TUNERY_METRICS_PORT": str(METRICS_PORT),
             "TUNERY_TRAINER_IMAGE": "ghcr.io/tunery/trainer:e2e",
         }
         self._log_path = log_path
@@ -211,3 +216,18 @@ def test_multi_node_job_and_rendezvous_service(kube: Kube, operator: OperatorPro
     assert hostnames == [f"{name}-0.{name}", f"{name}-1.{name}"]
     env = {item["name"]: item.get("value") for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MASTER_ADDR"] == hostnames[0]
+
+
+def test_metrics_describe_jobs_and_reconciliations(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "measured"))
+    wait_for(kube, operator, "measured", lambda status: status.get("phase") == "Succeeded")
+    exposition = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+    assert samples[("tunery_finetunejobs", (("namespace", NAMESPACE), ("phase", "Succeeded")))] >= 1
+    assert samples[("tunery_phase_transitions_total", (("from_phase", "Pending"), ("to_phase", "Succeeded")))] >= 1
+    assert samples[("tunery_reconcile_duration_seconds_count", ())] > 0
+    assert ("tunery_gpus_requested", (("namespace", NAMESPACE),)) in samples

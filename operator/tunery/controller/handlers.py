@@ -9,6 +9,7 @@ from lightkube import AsyncClient
 
 from tunery.api.resource import GROUP, PLURAL, VERSION
 from tunery.controller.kube import KubeApi
+from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL, MANAGED_BY
 from tunery.controller.reconcile import Reconciler
 from tunery.controller.settings import OperatorSettings
@@ -40,6 +41,9 @@ class _Retrying:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
 
+    def forget(self, namespace: str, name: str) -> None:
+        self._reconciler.metrics.forget(namespace, name)
+
     async def _later(self, delay: float, namespace: str, name: str, attempt: int) -> None:
         await asyncio.sleep(delay)
         await self(namespace, name, attempt)
@@ -61,12 +65,17 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
         settings.execution.max_workers = operator_settings.workers
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
+        metrics = OperatorMetrics()
+        if operator_settings.metrics_port:
+            metrics.serve(operator_settings.metrics_port)
         api = KubeApi(AsyncClient(field_manager=FIELD_MANAGER))
-        reconcile["run"] = _Retrying(Reconciler(api, operator_settings, _post_event))
+        reconcile["run"] = _Retrying(Reconciler(api, operator_settings, _post_event, metrics))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def finetunejob_changed(type: str, namespace: str, name: str, **_: Any) -> None:
-        if type != "DELETED":
+        if type == "DELETED":
+            reconcile["run"].forget(namespace, name)
+        else:
             await reconcile["run"](namespace, name)
 
     @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)

@@ -11,6 +11,7 @@ from tunery.api.spec import FineTuneJobSpec
 from tunery.api.validation import FieldError, validate_manifest
 from tunery.controller import decisions, naming
 from tunery.controller.kube import KubeApi
+from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.render import TrainingTarget, render_training_children
 from tunery.controller.settings import OperatorSettings
 
@@ -23,26 +24,48 @@ logger = logging.getLogger(__name__)
 class Reconciler:
     """Level-triggered reconciliation; one FineTuneJob at a time, however many watch events point at it."""
 
-    def __init__(self, api: KubeApi, settings: OperatorSettings, post_event: EventPoster) -> None:
+    def __init__(self, api: KubeApi, settings: OperatorSettings, post_event: EventPoster, metrics: OperatorMetrics) -> None:
         self._api = api
         self._settings = settings
         self._post_event = post_event
+        self.metrics = metrics
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def reconcile(self, namespace: str, name: str) -> None:
         async with self._locks[(namespace, name)]:
-            body = await self._api.get_finetunejob(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return
-            observation = await self._observe(body)
-            previous = body.get("status") or {}
-            wanted = decisions.operator_status(observation, previous, datetime.now(UTC))
-            patch = decisions.changed_fields(wanted, previous)
-            if patch:
-                await self._api.patch_status(namespace, name, patch)
-            if wanted["phase"] != previous.get("phase"):
-                verdict = decisions.decide(observation)
-                self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
+            with self.metrics.reconciling():
+                await self._reconcile(namespace, name)
+
+    async def _reconcile(self, namespace: str, name: str) -> None:
+        body = await self._api.get_finetunejob(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.metrics.forget(namespace, name)
+            return
+        observation = await self._observe(body)
+        previous = body.get("status") or {}
+        now = datetime.now(UTC)
+        wanted = decisions.operator_status(observation, previous, now)
+        patch = decisions.changed_fields(wanted, previous)
+        if patch:
+            await self._api.patch_status(namespace, name, patch)
+        self._record(body, wanted, previous.get("phase"), now)
+        if wanted["phase"] != previous.get("phase"):
+            verdict = decisions.decide(observation)
+            self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
+
+    def _record(self, body: dict[str, Any], wanted: dict[str, Any], previous_phase: str | None, now: datetime) -> None:
+        phase = wanted["phase"]
+        resources = body["spec"].get("resources") or {}
+        gpus = int(resources.get("gpus", 0)) * int(resources.get("nodes", 1))
+        metadata = body["metadata"]
+        self.metrics.observe_phase(metadata["namespace"], metadata["name"], phase, previous_phase, gpus)
+        if phase == previous_phase:
+            return
+        if phase == "Running":
+            self.metrics.queue_wait.observe((now - _timestamp(metadata["creationTimestamp"])).total_seconds())
+        if phase in ("Succeeded", "Failed") and wanted.get("startTime") and wanted.get("completionTime"):
+            duration = _timestamp(wanted["completionTime"]) - _timestamp(wanted["startTime"])
+            self.metrics.job_duration.labels(outcome=phase).observe(duration.total_seconds())
 
     async def _observe(self, body: dict[str, Any]) -> decisions.Observation:
         metadata = body["metadata"]
@@ -91,6 +114,10 @@ class Reconciler:
             if stale and not finished:
                 logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
+
+
+def _timestamp(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def _event_type(verdict: decisions.Verdict) -> str:
