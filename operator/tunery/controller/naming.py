@@ -28,13 +28,20 @@ def config_map_name(finetunejob: str, revision_id: str) -> str:
     return f"{finetunejob}-{revision_id}-config"
 
 
-def labels(finetunejob: str, revision_id: str, component: str) -> dict[str, str]:
-    return {
+def trainer_account_name(finetunejob: str) -> str:
+    return f"{finetunejob}-trainer"
+
+
+def labels(finetunejob: str, revision_id: str | None, component: str) -> dict[str, str]:
+    """Standard labels; children that serve every revision (the trainer identity) carry no revision label."""
+    result = {
         "app.kubernetes.io/name": "tunery",
         "app.kubernetes.io/instance": finetunejob,
         "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "tunery",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         FINETUNEJOB_LABEL: finetunejob,
-        REVISION_LABEL: revision_id,
     }
+    if revision_id:
+        result[REVISION_LABEL] = revision_id
+    return result

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunery.api import contract
-from tunery.api.resource import API_VERSION, KIND
+from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL
 from tunery.api.spec import FineTuneJobSpec
 from tunery.controller import naming
 
@@ -47,11 +47,11 @@ def owner_reference(target: TrainingTarget) -> dict[str, Any]:
     }
 
 
-def _metadata(target: TrainingTarget, name: str, component: str) -> dict[str, Any]:
+def _metadata(target: TrainingTarget, name: str, component: str, per_revision: bool = True) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": target.namespace,
-        "labels": naming.labels(target.name, target.revision, component),
+        "labels": naming.labels(target.name, target.revision if per_revision else None, component),
         "ownerReferences": [owner_reference(target)],
     }
 
@@ -76,6 +76,38 @@ def render_config_map(target: TrainingTarget) -> dict[str, Any]:
         "metadata": _metadata(target, naming.config_map_name(target.name, target.revision), "trainer-config"),
         "data": {contract.CONFIG_FILE: json.dumps(trainer_config(target), indent=2, sort_keys=True)},
     }
+
+
+def render_trainer_identity(target: TrainingTarget) -> list[dict[str, Any]]:
+    """The trainer's ServiceAccount, allowed only to read and patch the status of its own FineTuneJob."""
+    name = naming.trainer_account_name(target.name)
+
+    def metadata() -> dict[str, Any]:
+        return _metadata(target, name, "trainer-identity", per_revision=False)
+
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata(), "automountServiceAccountToken": False},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata(),
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": [target.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata(),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": target.namespace}],
+        },
+    ]
 
 
 def render_headless_service(target: TrainingTarget) -> dict[str, Any]:
@@ -204,7 +236,9 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(spec)}},
         ],
         "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
+        # The token is the progress channel: it may only patch this FineTuneJob's status (render_trainer_identity).
+        "serviceAccountName": naming.trainer_account_name(target.name),
+        "automountServiceAccountToken": True,
     }
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
@@ -251,7 +285,7 @@ def _shm_size(spec: FineTuneJobSpec) -> str:
 
 def render_training_children(target: TrainingTarget) -> list[dict[str, Any]]:
     """Every child of the revision, in the order they must be applied (the Job last)."""
-    children = [render_config_map(target)]
+    children = [*render_trainer_identity(target), render_config_map(target)]
     if target.spec.resources.nodes > 1:
         children.append(render_headless_service(target))
     children.append(render_job(target))
