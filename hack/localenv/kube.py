@@ -15,6 +15,11 @@ NODES = (
     ("gpu-node-1", 8, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "tunery.dev/pool": "gpu"}),
     ("cpu-node-0", 0, {"tunery.dev/pool": "cpu"}),
 )
+# Tainted nodes whose pods get a chosen fate (kwok-stages.yaml); a pod that tolerates the taint and selects
+# the label `tunery.dev/kwok-outcome: OUTCOME` stays Running, is OOM-killed, or fails with a data error.
+OUTCOMES = ("running", "oom", "data-error")
+OUTCOME_LABEL = "tunery.dev/kwok-outcome"
+STAGES_FILE = Path(__file__).resolve().parent / "kwok-stages.yaml"
 ADMIN_USER = "tunery-admin"
 
 
@@ -75,7 +80,7 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
         "--bind-address=127.0.0.1", f"--secure-port={processes.free_port()}", "--leader-elect=false", "-v=1",
     ])
     processes.start(state_dir, "kwok", [
-        str(bin_dir / "kwok"), f"--kubeconfig={kubeconfig}", "--manage-all-nodes=false",
+        str(bin_dir / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={STAGES_FILE}", "--manage-all-nodes=false",
         "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
         "--node-ip=10.0.0.1", "--cidr=10.0.0.0/16", "--node-lease-duration-seconds=40",
         f"--server-address=127.0.0.1:{processes.free_port()}",
@@ -103,7 +108,7 @@ def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: 
                 item for item in json.loads(nodes.stdout)["items"]
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in item["status"].get("conditions", []))
             ]
-            if len(ready) == len(NODES):
+            if len(ready) == len(NODES) + len(OUTCOMES):
                 return
         time.sleep(0.5)
     raise RuntimeError(f"nodes or the default ServiceAccount not ready in {timeout:.0f}s:\n{processes.tail(state_dir, 'kwok')}")
@@ -111,7 +116,8 @@ def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: 
 
 def _nodes() -> dict:
     items = []
-    for name, gpus, labels in NODES:
+    outcome_nodes = [(f"outcome-{outcome}", 8, {OUTCOME_LABEL: outcome}) for outcome in OUTCOMES]
+    for name, gpus, labels in [*NODES, *outcome_nodes]:
         capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti"}
         if gpus:
             capacity["nvidia.com/gpu"] = str(gpus)
@@ -124,6 +130,8 @@ def _nodes() -> dict:
                 "labels": {"type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
                            "kubernetes.io/arch": "amd64", **labels},
             },
+            "spec": {"taints": [{"key": OUTCOME_LABEL, "value": labels[OUTCOME_LABEL], "effect": "NoSchedule"}]}
+            if OUTCOME_LABEL in labels else {},
             "status": {"capacity": capacity, "allocatable": capacity},
         })
     return {"apiVersion": "v1", "kind": "List", "items": items}

@@ -273,3 +273,39 @@ def test_progress_channel_is_least_privilege_and_survives_reconciliation(kube: K
     with pytest.raises(urllib.error.HTTPError) as spec_change:
         urllib.request.urlopen(spec_patch, context=ssl.create_default_context(cafile=endpoint.ca_file))
     assert spec_change.value.code == 403
+
+
+def outcome(fate: str) -> dict:
+    """Resources that put the training pod on the kwok node where pods meet `fate` (hack/localenv/kwok-stages.yaml)."""
+    return {
+        "gpus": 1,
+        "memory": "64Gi",
+        "nodeSelector": {"tunery.dev/kwok-outcome": fate},
+        "tolerations": [{"key": "tunery.dev/kwok-outcome", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
+def test_running_pods_make_the_job_running(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "busy", resources=outcome("running")))
+    body = wait_for(kube, operator, "busy", lambda status: status.get("phase") == "Running")
+    assert condition(body["status"], "Reconciling")["status"] == "True"
+    assert condition(body["status"], "Ready")["status"] == "False"
+    assert body["status"]["startTime"]
+
+
+def test_oom_killed_reaches_the_status_and_an_event(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "greedy", resources=outcome("oom"), backoffLimit=0))
+    body = wait_for(kube, operator, "greedy", lambda status: status.get("phase") == "Failed")
+    assert body["status"]["failure"]["reason"] == "OOMKilled"
+    assert "spec.resources.memory" in body["status"]["failure"]["message"]
+    assert any(event["type"] == "Warning" and event["reason"] == "OOMKilled" for event in events(kube, "greedy"))
+
+
+def test_trainer_data_error_fails_at_once_with_its_message(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "bad-data", resources=outcome("data-error"), backoffLimit=3))
+    body = wait_for(kube, operator, "bad-data", lambda status: status.get("phase") == "Failed")
+    assert body["status"]["failure"] == {
+        "reason": "DataError", "message": "s3://data/train.jsonl line 17: no column text; set dataset.columns.text",
+    }
+    [job] = children(kube, "jobs", "bad-data")
+    assert job["status"]["failed"] == 1, "a bad-data exit code must not be retried"
