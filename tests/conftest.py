@@ -62,6 +62,12 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         _local_env(state_dir, "down")
 
 
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """Debian's promtool (fetched by hack/local-env build)."""
+    return tools.ensure_prometheus() / "promtool"
+
+
 @pytest.fixture
 def cli_env() -> dict[str, str]:
     """The environment for running the `tunery` console script of this interpreter's environment."""

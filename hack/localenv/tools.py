@@ -1,4 +1,4 @@
-"""Build the pinned Go tools (control plane, etcd, kubectl, helm, kwok) into a cache outside git, once."""
+"""Build the pinned Go tools (control plane, etcd, kubectl, helm, kwok) and fetch Debian's Prometheus, once, into a cache."""
 
 import hashlib
 import os
@@ -58,4 +58,30 @@ def ensure_built(log=print) -> Path:
             )
             for name in names:
                 os.replace(Path(staging) / name, target / name)
+    return target
+
+
+# Debian's prometheus package provides the real Prometheus and promtool; unpacked, not installed (no root needed).
+DEBIAN_BINARIES = ("prometheus", "promtool")
+
+
+def debian_bin_dir() -> Path:
+    return cache_root() / "debian" / "bin"
+
+
+def ensure_prometheus(log=print) -> Path:
+    """Download Debian's prometheus package with apt-get and unpack its binaries; return their directory."""
+    target = debian_bin_dir()
+    if all((target / name).is_file() for name in DEBIAN_BINARIES):
+        return target
+    if shutil.which("apt-get") is None:
+        raise SystemExit("local-env: Prometheus comes from Debian's prometheus package; apt-get is needed to fetch it")
+    log("local-env: fetching Debian's prometheus package")
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as staging:
+        subprocess.run(["apt-get", "download", "prometheus"], cwd=staging, check=True, capture_output=True)
+        [package] = Path(staging).glob("prometheus_*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(package), str(Path(staging) / "root")], check=True)
+        for name in DEBIAN_BINARIES:
+            os.replace(Path(staging) / "root" / "usr" / "bin" / name, target / name)
     return target

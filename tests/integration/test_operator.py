@@ -222,7 +222,7 @@ def test_multi_node_job_and_rendezvous_service(kube: Kube, operator: OperatorPro
     assert env["MASTER_ADDR"] == hostnames[0]
 
 
-def test_metrics_describe_jobs_and_reconciliations(kube: Kube, operator: OperatorProcess) -> None:
+def test_metrics_describe_jobs_and_reconciliations(kube: Kube, operator: OperatorProcess, promtool: Path) -> None:
     kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "measured"))
     wait_for(kube, operator, "measured", lambda status: status.get("phase") == "Succeeded")
     exposition = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
@@ -235,6 +235,8 @@ def test_metrics_describe_jobs_and_reconciliations(kube: Kube, operator: Operato
     assert samples[("tunery_phase_transitions_total", (("from_phase", "Pending"), ("to_phase", "Succeeded")))] >= 1
     assert samples[("tunery_reconcile_duration_seconds_count", ())] > 0
     assert ("tunery_gpus_requested", (("namespace", NAMESPACE),)) in samples
+    lint = subprocess.run([str(promtool), "check", "metrics"], input=exposition, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
 def trainer_endpoint(kube: Kube, name: str) -> StatusEndpoint:
