@@ -22,20 +22,18 @@ class KubeApi:
         self._client = client
 
     async def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return (await self._client.get(FineTuneJobResource, name, namespace=namespace)).to_dict()
-        except ApiError as exc:
-            if exc.status.code == 404:
-                return None
-            raise
+        return await self._get_or_none(FineTuneJobResource, namespace, name)
 
     async def apply(self, manifest: dict[str, Any]) -> None:
         """Server-side apply under the operator's field manager; taking over fields is intended."""
         await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get_or_none(Job, namespace, name)
+
+    async def _get_or_none(self, resource: Any, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return (await self._client.get(Job, name, namespace=namespace)).to_dict()
+            return (await self._client.get(resource, name, namespace=namespace)).to_dict()
         except ApiError as exc:
             if exc.status.code == 404:
                 return None
