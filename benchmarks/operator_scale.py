@@ -23,7 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "hack"))
 
 from localenv import processes, tools  # noqa: E402
-
 from tunery.api.spec import FineTuneJobSpec  # noqa: E402
 from tunery.controller import naming  # noqa: E402
 from tunery.controller.render import TrainingTarget, render_job  # noqa: E402
@@ -41,7 +40,11 @@ class Cluster:
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
         return subprocess.run(
-            [self.kubectl_path, f"--kubeconfig={self.kubeconfig}", *args], input=stdin, capture_output=True, text=True, check=True
+            [self.kubectl_path, f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
 
 
@@ -49,7 +52,9 @@ def example_spec() -> dict:
     return yaml.safe_load((REPO_ROOT / "examples" / "lora-sft-chat.yaml").read_text())["spec"]
 
 
-def watch_until(cluster: Cluster, namespace: str, names: set[str], kind: str, done, started: float, timeout: float = 300) -> dict[str, float]:
+def watch_until(
+    cluster: Cluster, namespace: str, names: set[str], kind: str, done, started: float, timeout: float = 300
+) -> dict[str, float]:
     """Poll every 100 ms; return the seconds from `started` at which each name first satisfied `done`."""
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
@@ -72,7 +77,14 @@ def run_baseline(cluster: Cluster, count: int) -> dict[str, float]:
     spec = FineTuneJobSpec.model_validate(example_spec())
     jobs = []
     for index in range(count):
-        target = TrainingTarget(f"ftj-{index:03d}", namespace, "00000000-0000-0000-0000-000000000000", spec, naming.revision(spec), "trainer:bench")
+        target = TrainingTarget(
+            f"ftj-{index:03d}",
+            namespace,
+            "00000000-0000-0000-0000-000000000000",
+            spec,
+            naming.revision(spec),
+            "trainer:bench",
+        )
         job = render_job(target)
         del job["metadata"]["ownerReferences"]
         jobs.append(job)
@@ -80,8 +92,12 @@ def run_baseline(cluster: Cluster, count: int) -> dict[str, float]:
     cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(jobs))
     applied = time.monotonic() - started
     succeeded = watch_until(
-        cluster, namespace, {job["metadata"]["name"] for job in jobs}, "jobs",
-        lambda job: job["metadata"]["name"] if job.get("status", {}).get("succeeded") else None, started,
+        cluster,
+        namespace,
+        {job["metadata"]["name"] for job in jobs},
+        "jobs",
+        lambda job: job["metadata"]["name"] if job.get("status", {}).get("succeeded") else None,
+        started,
     )
     return {"apply_s": applied, "succeeded": list(succeeded.values())}
 
@@ -89,30 +105,64 @@ def run_baseline(cluster: Cluster, count: int) -> dict[str, float]:
 def run_operator(cluster: Cluster, count: int, state_dir: Path) -> dict[str, object]:
     namespace = "bench-operator"
     cluster.kubectl("create", "namespace", namespace)
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "TUNERY_NAMESPACES": namespace,
-           "TUNERY_HEALTH_PORT": "0", "TUNERY_METRICS_PORT": "0"}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "TUNERY_NAMESPACES": namespace,
+        "TUNERY_HEALTH_PORT": "0",
+        "TUNERY_METRICS_PORT": "0",
+    }
     log = open(state_dir / "operator.log", "wb")
-    operator = subprocess.Popen([str(Path(sys.executable).parent / "tunery"), "operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    operator = subprocess.Popen(
+        [str(Path(sys.executable).parent / "tunery"), "operator"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         time.sleep(3)
         manifests = [
-            {"apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": f"ftj-{index:03d}", "namespace": namespace}, "spec": example_spec()}
+            {
+                "apiVersion": "tunery.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": f"ftj-{index:03d}", "namespace": namespace},
+                "spec": example_spec(),
+            }
             for index in range(count)
         ]
         started = time.monotonic()
         cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(manifests))
         applied = time.monotonic() - started
         names = {manifest["metadata"]["name"] for manifest in manifests}
-        job_created = watch_until(cluster, namespace, names, "jobs", lambda job: job["metadata"]["labels"].get(naming.FINETUNEJOB_LABEL), started)
-        succeeded = watch_until(
-            cluster, namespace, names, "finetunejobs.tunery.dev",
-            lambda ftj: ftj["metadata"]["name"] if (ftj.get("status") or {}).get("phase") == "Succeeded" else None, started,
+        job_created = watch_until(
+            cluster,
+            namespace,
+            names,
+            "jobs",
+            lambda job: job["metadata"]["labels"].get(naming.FINETUNEJOB_LABEL),
+            started,
         )
-        peak_rss_kib = int(next(line.split()[1] for line in Path(f"/proc/{operator.pid}/status").read_text().splitlines() if line.startswith("VmHWM")))
+        succeeded = watch_until(
+            cluster,
+            namespace,
+            names,
+            "finetunejobs.tunery.dev",
+            lambda ftj: ftj["metadata"]["name"] if (ftj.get("status") or {}).get("phase") == "Succeeded" else None,
+            started,
+        )
+        peak_rss_kib = int(
+            next(
+                line.split()[1]
+                for line in Path(f"/proc/{operator.pid}/status").read_text().splitlines()
+                if line.startswith("VmHWM")
+            )
+        )
     finally:
         operator.terminate()
         operator.wait(timeout=30)
-    return {"apply_s": applied, "job_created": list(job_created.values()), "succeeded": list(succeeded.values()), "peak_rss_mib": peak_rss_kib / 1024}
+    return {
+        "apply_s": applied,
+        "job_created": list(job_created.values()),
+        "succeeded": list(succeeded.values()),
+        "peak_rss_mib": peak_rss_kib / 1024,
+    }
 
 
 def main() -> None:
@@ -121,7 +171,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tunery-bench-") as tmp:
         state_dir = Path(tmp)
-        subprocess.run([sys.executable, str(REPO_ROOT / "hack" / "local-env"), "up", "--only=kube", f"--state-dir={state_dir}"], check=True)
+        subprocess.run(
+            [sys.executable, str(REPO_ROOT / "hack" / "local-env"), "up", "--only=kube", f"--state-dir={state_dir}"],
+            check=True,
+        )
         try:
             cluster = Cluster(state_dir)
             cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds" / "tunery.dev_finetunejobs.yaml"))

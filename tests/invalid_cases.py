@@ -22,5 +22,7 @@ def load_cases() -> list[InvalidCase]:
         header = dict(
             line[2:].split(": ", 1) for line in path.read_text().splitlines() if line.startswith("# ") and ": " in line
         )
-        cases.append(InvalidCase(path, header["expect-path"], header["expect-message"], header["apiserver"] == "reject"))
+        cases.append(
+            InvalidCase(path, header["expect-path"], header["expect-message"], header["apiserver"] == "reject")
+        )
     return cases

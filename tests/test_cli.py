@@ -4,9 +4,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from invalid_cases import load_cases
 
 from conftest import EXAMPLES, REPO_ROOT
+from invalid_cases import load_cases
 from tunery.api.crd import render_crd_yaml
 
 

@@ -48,7 +48,11 @@ def test_schema_is_structural_and_described() -> None:
     status_schema = crd.render_schema()["properties"]["status"]
     for root, schema in (("spec", spec_schema), ("status", status_schema)):
         for path, node in _walk(schema, root):
-            typed = "type" in node or node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
+            typed = (
+                "type" in node
+                or node.get("x-kubernetes-int-or-string")
+                or node.get("x-kubernetes-preserve-unknown-fields")
+            )
             assert typed, f"{path} has no type"
             assert not {"$ref", "anyOf", "title"} & node.keys() or node.get("x-kubernetes-int-or-string"), path
             if "{}" not in path and "[]" not in path.rsplit(".", 1)[-1]:
@@ -67,7 +71,13 @@ def test_crd_names_printer_columns_and_status_subresource() -> None:
     assert rendered["spec"]["names"]["shortNames"] == ["ftj"]
     version = rendered["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [column["name"] for column in version["additionalPrinterColumns"]] == ["Phase", "Progress", "Loss", "Model", "Age"]
+    assert [column["name"] for column in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Progress",
+        "Loss",
+        "Model",
+        "Age",
+    ]
 
 
 def test_object_defaults_cascade_and_factory_defaults_are_emitted() -> None:

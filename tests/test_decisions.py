@@ -13,14 +13,24 @@ def job(*conditions: tuple[str, str, str], suspend: bool = False, **status) -> d
         "metadata": {"name": "ft-1234abcd"},
         "spec": {"suspend": suspend},
         "status": {
-            "conditions": [{"type": kind, "status": "True", "reason": reason, "message": message} for kind, reason, message in conditions],
+            "conditions": [
+                {"type": kind, "status": "True", "reason": reason, "message": message}
+                for kind, reason, message in conditions
+            ],
             **status,
         },
     }
 
 
-def pod(phase: str = "Pending", conditions=(), container_state=None, last_state=None, created: str = "2026-11-22T11:00:00Z") -> dict:
-    container = {"name": "trainer", "image": "ghcr.io/tunery/trainer:1", "state": container_state or {}, "lastState": last_state or {}}
+def pod(
+    phase: str = "Pending", conditions=(), container_state=None, last_state=None, created: str = "2026-11-22T11:00:00Z"
+) -> dict:
+    container = {
+        "name": "trainer",
+        "image": "ghcr.io/tunery/trainer:1",
+        "state": container_state or {},
+        "lastState": last_state or {},
+    }
     return {
         "metadata": {"name": f"ft-1234abcd-{created[-3:-1]}", "creationTimestamp": created},
         "status": {"phase": phase, "conditions": list(conditions), "containerStatuses": [container]},
@@ -55,7 +65,14 @@ def test_lifecycle_phases() -> None:
 def test_succeeded_is_ready_and_complete() -> None:
     status = operator_status(observe(job=job(("Complete", "Completed", ""), succeeded=1)), {}, NOW)
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"Validated": "True", "Ready": "True", "Reconciling": "False", "Stalled": "False", "Complete": "True", "Failed": "False"}
+    assert conditions == {
+        "Validated": "True",
+        "Ready": "True",
+        "Reconciling": "False",
+        "Stalled": "False",
+        "Complete": "True",
+        "Failed": "False",
+    }
     assert status["failure"] is None and status["attempts"] == 1
 
 
@@ -76,14 +93,27 @@ def test_trainer_termination_message_wins() -> None:
 
 def test_kubernetes_reason_when_the_trainer_said_nothing() -> None:
     failed = job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))
-    verdict = decide(observe(job=failed, pods=[pod("Failed", container_state={"terminated": {"exitCode": 143, "message": "Killed"}})]))
+    verdict = decide(
+        observe(
+            job=failed, pods=[pod("Failed", container_state={"terminated": {"exitCode": 143, "message": "Killed"}})]
+        )
+    )
     assert verdict.reason == "DeadlineExceeded" and "activeDeadlineSeconds" in verdict.message
 
 
 def test_unschedulable_keeps_the_scheduler_message() -> None:
-    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    unschedulable = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    }
     verdict = decide(observe(job=job(), pods=[pod(conditions=[unschedulable])]))
-    assert verdict.phase == "Pending" and verdict.reason == "Unschedulable" and "Insufficient nvidia.com/gpu" in verdict.message
+    assert (
+        verdict.phase == "Pending"
+        and verdict.reason == "Unschedulable"
+        and "Insufficient nvidia.com/gpu" in verdict.message
+    )
 
 
 def test_image_pull_errors_are_named() -> None:

@@ -29,7 +29,9 @@ def test_stop_all_stops_what_it_started(state_dir: Path) -> None:
 def test_a_reused_pid_is_left_alone(state_dir: Path) -> None:
     stranger = subprocess.Popen(["/bin/sleep", "60"])
     try:
-        (state_dir / processes.PIDS_FILE).write_text(f'{{"etcd": {{"pid": {stranger.pid}, "executable": "/opt/etcd"}}}}')
+        (state_dir / processes.PIDS_FILE).write_text(
+            f'{{"etcd": {{"pid": {stranger.pid}, "executable": "/opt/etcd"}}}}'
+        )
         assert processes.running(state_dir) == {}
         assert processes.stop_all(state_dir) == []
         assert stranger.poll() is None
@@ -47,6 +49,8 @@ def test_a_process_that_dies_while_starting_is_reported_with_its_log(state_dir: 
 def test_status_reports_nothing_running_for_a_fresh_state_dir(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "hack" / "local-env"), "status", f"--state-dir={tmp_path}"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.strip() == "nothing running"

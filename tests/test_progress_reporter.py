@@ -24,9 +24,17 @@ def test_report_is_an_apply_of_progress_and_metrics() -> None:
     assert reporter.report(250, 1000, 0.75, {"trainLoss": 1.5, "learningRate": 2e-4}, final=True)
     body = sent[-1]
     assert body["metadata"] == {"name": "chat", "namespace": "team-a"} and body["kind"] == "FineTuneJob"
-    assert body["status"]["progress"] == {"step": 250, "totalSteps": 1000, "epoch": 0.75, "percent": 25, "etaSeconds": 300}
+    assert body["status"]["progress"] == {
+        "step": 250,
+        "totalSteps": 1000,
+        "epoch": 0.75,
+        "percent": 25,
+        "etaSeconds": 300,
+    }
     assert body["status"]["metrics"] == {"trainLoss": 1.5, "learningRate": 2e-4}
-    assert f"fieldManager={FIELD_MANAGER}" in ENDPOINT.status_url and ENDPOINT.status_url.split("?")[0].endswith("/finetunejobs/chat/status")
+    assert f"fieldManager={FIELD_MANAGER}" in ENDPOINT.status_url and ENDPOINT.status_url.split("?")[0].endswith(
+        "/finetunejobs/chat/status"
+    )
 
 
 def test_rate_limited_except_the_final_report() -> None:
@@ -45,7 +53,9 @@ def test_rate_limited_except_the_final_report() -> None:
 
 def test_non_finite_metrics_are_left_out() -> None:
     sent = []
-    ProgressReporter(ENDPOINT, send=lambda endpoint, body: sent.append(body)).report(1, 10, 0.1, {"trainLoss": float("nan"), "gradNorm": 1.0})
+    ProgressReporter(ENDPOINT, send=lambda endpoint, body: sent.append(body)).report(
+        1, 10, 0.1, {"trainLoss": float("nan"), "gradNorm": 1.0}
+    )
     assert sent[0]["status"]["metrics"] == {"gradNorm": 1.0}
 
 

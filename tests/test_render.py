@@ -2,7 +2,6 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -52,8 +51,12 @@ def test_every_child_is_owned_and_labelled() -> None:
     for child in render_training_children(target):
         owner = child["metadata"]["ownerReferences"][0]
         assert owner == {
-            "apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob", "name": target.name,
-            "uid": target.uid, "controller": True, "blockOwnerDeletion": True,
+            "apiVersion": "tunery.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": target.name,
+            "uid": target.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
         }
         assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tunery-operator"
         assert child["metadata"]["labels"].get(naming.REVISION_LABEL, target.revision) == target.revision
@@ -80,9 +83,14 @@ def test_pod_identity_when_no_secret() -> None:
 def test_restricted_pod_security() -> None:
     pod = render_training_children(target_for("lora-sft-chat.yaml"))[-1]["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
     }
     mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
     assert {"/tmp", "/dev/shm", contract.CONFIG_DIR} <= mounts
@@ -91,7 +99,9 @@ def test_restricted_pod_security() -> None:
 
 
 def test_gpus_requested_and_limited() -> None:
-    resources = render_training_children(target_for("qlora-multinode.yaml"))[-1]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources = render_training_children(target_for("qlora-multinode.yaml"))[-1]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "4"
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == "256Gi"
 
@@ -145,8 +155,15 @@ def test_trainer_may_only_patch_its_own_status() -> None:
     target = target_for("lora-sft-chat.yaml")
     account, role, binding = render_training_children(target)[:3]
     assert role["rules"] == [
-        {"apiGroups": ["tunery.dev"], "resources": ["finetunejobs/status"], "resourceNames": [target.name], "verbs": ["get", "patch"]}
+        {
+            "apiGroups": ["tunery.dev"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": [target.name],
+            "verbs": ["get", "patch"],
+        }
     ]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "team-a"}
+    ]
     pod = render_training_children(target)[-1]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"] == "support-bot-trainer"

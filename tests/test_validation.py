@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import yaml
-from invalid_cases import InvalidCase, load_cases
 
-from tunery.api.validation import validate_manifest
 from conftest import EXAMPLES
+from invalid_cases import InvalidCase, load_cases
+from tunery.api.validation import validate_manifest
 
 MINIMAL = {
     "apiVersion": "tunery.dev/v1alpha1",
@@ -30,7 +30,10 @@ def test_examples_cover_every_task_and_five_methods() -> None:
     specs = [yaml.safe_load(path.read_text())["spec"] for path in EXAMPLES]
     assert len(specs) >= 6
     assert {spec.get("task", "causal-lm") for spec in specs} == {
-        "causal-lm", "masked-lm", "sequence-classification", "token-classification"
+        "causal-lm",
+        "masked-lm",
+        "sequence-classification",
+        "token-classification",
     }
     assert len({spec.get("method", {}).get("type", "lora") for spec in specs}) >= 5
 
@@ -59,11 +62,31 @@ def test_minimal_manifest_is_valid() -> None:
         (lambda m: m["spec"].update(method="lora"), "spec.method", "must be a mapping"),
         (lambda m: m["spec"]["dataset"].update(validationSplit=1.0), "spec.dataset.validationSplit", "less than 1"),
         (lambda m: m["spec"].update(storage={"endpoint": "minio:9000"}), "spec.storage.endpoint", "http(s) URL"),
-        (lambda m: m["spec"].update(storage={"credentialsSecret": "S3 Creds"}), "spec.storage.credentialsSecret", "object name"),
-        (lambda m: m["spec"].update(resources={"gpuResource": "nvidia com/gpu"}), "spec.resources.gpuResource", "resource name"),
-        (lambda m: m["spec"].update(resources={"tolerations": [{"operator": "Maybe"}]}), "spec.resources.tolerations[0].operator", "'Exists' or 'Equal'"),
-        (lambda m: m["spec"].update(evaluation={"metrics": ["loss", "perplexity"]}, task="token-classification"), "spec.evaluation.metrics", "language-modelling metric"),
-        (lambda m: m["spec"]["baseModel"].update(tokenizer={"trainVocabSize": 8000}), "spec.baseModel.tokenizer.trainVocabSize", "does not match"),
+        (
+            lambda m: m["spec"].update(storage={"credentialsSecret": "S3 Creds"}),
+            "spec.storage.credentialsSecret",
+            "object name",
+        ),
+        (
+            lambda m: m["spec"].update(resources={"gpuResource": "nvidia com/gpu"}),
+            "spec.resources.gpuResource",
+            "resource name",
+        ),
+        (
+            lambda m: m["spec"].update(resources={"tolerations": [{"operator": "Maybe"}]}),
+            "spec.resources.tolerations[0].operator",
+            "'Exists' or 'Equal'",
+        ),
+        (
+            lambda m: m["spec"].update(evaluation={"metrics": ["loss", "perplexity"]}, task="token-classification"),
+            "spec.evaluation.metrics",
+            "language-modelling metric",
+        ),
+        (
+            lambda m: m["spec"]["baseModel"].update(tokenizer={"trainVocabSize": 8000}),
+            "spec.baseModel.tokenizer.trainVocabSize",
+            "does not match",
+        ),
         (lambda m: m["spec"].update(serving={"runtime": "vllm"}), "spec.serving.resources.gpus", "vllm needs a GPU"),
     ],
 )

@@ -39,55 +39,113 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
     kubeconfig.write_text(_kubeconfig(server, pki / "ca.crt", token))
 
     log("local-env: starting etcd")
-    processes.start(state_dir, "etcd", [
-        str(bin_dir / "etcd"), "--name=local", f"--data-dir={kube_dir / 'etcd'}", "--unsafe-no-fsync",
-        f"--listen-client-urls=http://127.0.0.1:{etcd_port}", f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-        f"--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}",
-        f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}",
-        f"--initial-cluster=local=http://127.0.0.1:{etcd_peer_port}", "--log-level=warn",
-    ])
+    processes.start(
+        state_dir,
+        "etcd",
+        [
+            str(bin_dir / "etcd"),
+            "--name=local",
+            f"--data-dir={kube_dir / 'etcd'}",
+            "--unsafe-no-fsync",
+            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}",
+            f"--initial-cluster=local=http://127.0.0.1:{etcd_peer_port}",
+            "--log-level=warn",
+        ],
+    )
     processes.wait_http(f"http://127.0.0.1:{etcd_port}/health", "etcd", state_dir)
 
     log("local-env: starting kube-apiserver")
-    processes.start(state_dir, "kube-apiserver", [
-        str(bin_dir / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
-        f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
-        f"--client-ca-file={pki / 'ca.crt'}", f"--token-auth-file={pki / 'tokens.csv'}",
-        "--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.96.0.0/16", "--allow-privileged=true",
-        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
-        "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass,ResourceQuota,Priority",
-        "--storage-media-type=application/json", "-v=1",
-    ])
+    processes.start(
+        state_dir,
+        "kube-apiserver",
+        [
+            str(bin_dir / "kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--token-auth-file={pki / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,DefaultStorageClass,ResourceQuota,Priority",
+            "--storage-media-type=application/json",
+            "-v=1",
+        ],
+    )
     context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    processes.wait_http(f"{server}/readyz", "kube-apiserver", state_dir,
-                        headers={"Authorization": f"Bearer {token}"}, context=context)
+    processes.wait_http(
+        f"{server}/readyz", "kube-apiserver", state_dir, headers={"Authorization": f"Bearer {token}"}, context=context
+    )
 
     log("local-env: starting kube-controller-manager, kube-scheduler and kwok")
-    processes.start(state_dir, "kube-controller-manager", [
-        str(bin_dir / "kube-controller-manager"), f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
-        "--bind-address=127.0.0.1", f"--secure-port={processes.free_port()}", "--leader-elect=false",
-        f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
-        f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
-        "--use-service-account-credentials=true", "--controllers=*,-nodeipam,-cloud-node-lifecycle",
-        "--concurrent-gc-syncs=5", "-v=1",
-    ])
-    processes.start(state_dir, "kube-scheduler", [
-        str(bin_dir / "kube-scheduler"), f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
-        "--bind-address=127.0.0.1", f"--secure-port={processes.free_port()}", "--leader-elect=false", "-v=1",
-    ])
-    processes.start(state_dir, "kwok", [
-        str(bin_dir / "kwok"), f"--kubeconfig={kubeconfig}", f"--config={STAGES_FILE}", "--manage-all-nodes=false",
-        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-        "--node-ip=10.0.0.1", "--cidr=10.0.0.0/16", "--node-lease-duration-seconds=40",
-        f"--server-address=127.0.0.1:{processes.free_port()}",
-    ])
+    processes.start(
+        state_dir,
+        "kube-controller-manager",
+        [
+            str(bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={processes.free_port()}",
+            "--leader-elect=false",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki / 'ca.key'}",
+            "--use-service-account-credentials=true",
+            "--controllers=*,-nodeipam,-cloud-node-lifecycle",
+            "--concurrent-gc-syncs=5",
+            "-v=1",
+        ],
+    )
+    processes.start(
+        state_dir,
+        "kube-scheduler",
+        [
+            str(bin_dir / "kube-scheduler"),
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={processes.free_port()}",
+            "--leader-elect=false",
+            "-v=1",
+        ],
+    )
+    processes.start(
+        state_dir,
+        "kwok",
+        [
+            str(bin_dir / "kwok"),
+            f"--kubeconfig={kubeconfig}",
+            f"--config={STAGES_FILE}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
+            "--node-ip=10.0.0.1",
+            "--cidr=10.0.0.0/16",
+            "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{processes.free_port()}",
+        ],
+    )
     kubectl = str(bin_dir / "kubectl")
-    subprocess.run([kubectl, f"--kubeconfig={kubeconfig}", "apply", "-f", "-"], input=json.dumps(_nodes()),
-                   text=True, check=True, capture_output=True)
+    subprocess.run(
+        [kubectl, f"--kubeconfig={kubeconfig}", "apply", "-f", "-"],
+        input=json.dumps(_nodes()),
+        text=True,
+        check=True,
+        capture_output=True,
+    )
     _wait_ready_nodes(state_dir, kubectl, kubeconfig)
     return {"KUBECONFIG": str(kubeconfig)}
 
@@ -99,19 +157,24 @@ def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: 
         for name in ("kwok", "kube-controller-manager", "kube-scheduler"):
             if name not in processes.running(state_dir):
                 raise RuntimeError(f"{name} exited while starting:\n{processes.tail(state_dir, name)}")
-        nodes = subprocess.run([kubectl, f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "json"],
-                               capture_output=True, text=True)
-        account = subprocess.run([kubectl, f"--kubeconfig={kubeconfig}", "get", "serviceaccount", "default"],
-                                 capture_output=True, text=True)
+        nodes = subprocess.run(
+            [kubectl, f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "json"], capture_output=True, text=True
+        )
+        account = subprocess.run(
+            [kubectl, f"--kubeconfig={kubeconfig}", "get", "serviceaccount", "default"], capture_output=True, text=True
+        )
         if nodes.returncode == 0 and account.returncode == 0:
             ready = [
-                item for item in json.loads(nodes.stdout)["items"]
+                item
+                for item in json.loads(nodes.stdout)["items"]
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in item["status"].get("conditions", []))
             ]
             if len(ready) == len(NODES) + len(OUTCOMES):
                 return
         time.sleep(0.5)
-    raise RuntimeError(f"nodes or the default ServiceAccount not ready in {timeout:.0f}s:\n{processes.tail(state_dir, 'kwok')}")
+    raise RuntimeError(
+        f"nodes or the default ServiceAccount not ready in {timeout:.0f}s:\n{processes.tail(state_dir, 'kwok')}"
+    )
 
 
 def _nodes() -> dict:
@@ -121,19 +184,27 @@ def _nodes() -> dict:
         capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti"}
         if gpus:
             capacity["nvidia.com/gpu"] = str(gpus)
-        items.append({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": name,
-                "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {"type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                           "kubernetes.io/arch": "amd64", **labels},
-            },
-            "spec": {"taints": [{"key": OUTCOME_LABEL, "value": labels[OUTCOME_LABEL], "effect": "NoSchedule"}]}
-            if OUTCOME_LABEL in labels else {},
-            "status": {"capacity": capacity, "allocatable": capacity},
-        })
+        items.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                    "labels": {
+                        "type": "kwok",
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        **labels,
+                    },
+                },
+                "spec": {"taints": [{"key": OUTCOME_LABEL, "value": labels[OUTCOME_LABEL], "effect": "NoSchedule"}]}
+                if OUTCOME_LABEL in labels
+                else {},
+                "status": {"capacity": capacity, "allocatable": capacity},
+            }
+        )
     return {"apiVersion": "v1", "kind": "List", "items": items}
 
 
@@ -153,17 +224,57 @@ def _make_pki(pki: Path) -> None:
     """A CA, the API server's serving certificate for loopback, and the service-account signing key pair."""
     if (pki / "apiserver.crt").exists():
         return
+
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
-            "-subj", "/CN=tunery-local-ca")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key", "-out", "apiserver.csr",
-            "-subj", "/CN=kube-apiserver")
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=tunery-local-ca",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+        "-subj",
+        "/CN=kube-apiserver",
+    )
     (pki / "san.ext").write_text(
         "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
     )
-    openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "apiserver.crt", "-days", "3650", "-extfile", "san.ext")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "apiserver.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "apiserver.crt",
+        "-days",
+        "3650",
+        "-extfile",
+        "san.ext",
+    )
     openssl("genrsa", "-out", "sa.key", "2048")
     openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")

@@ -74,7 +74,9 @@ def stop_all(state_dir: Path, timeout: float = 15.0) -> list[str]:
     return stopped
 
 
-def wait_http(url: str, name: str, state_dir: Path, timeout: float = 120.0, headers: dict | None = None, context=None) -> None:
+def wait_http(
+    url: str, name: str, state_dir: Path, timeout: float = 120.0, headers: dict | None = None, context=None
+) -> None:
     """Wait until `url` answers 200, failing early (with the log's tail) if the process died."""
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers=headers or {})

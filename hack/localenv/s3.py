@@ -29,23 +29,45 @@ def up(state_dir: Path, log=print) -> dict[str, str]:
         return json.loads(settings_file.read_text())
     (s3_dir / "data").mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "tunery" + secrets.token_hex(4), secrets.token_hex(20)
-    (s3_dir / "identities.json").write_text(json.dumps({
-        "identities": [{
-            "name": "tunery",
-            "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]
-    }))
+    (s3_dir / "identities.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tunery",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     ports = {name: processes.free_port(also_free_at=_GRPC_OFFSET) for name in ("master", "volume", "filer", "s3")}
     log("local-env: starting SeaweedFS")
-    processes.start(state_dir, "seaweedfs", [
-        weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={s3_dir / 'data'}",
-        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-        f"-master.port.grpc={ports['master'] + _GRPC_OFFSET}", f"-volume.port.grpc={ports['volume'] + _GRPC_OFFSET}",
-        f"-filer.port.grpc={ports['filer'] + _GRPC_OFFSET}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.config={s3_dir / 'identities.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-master.volumeSizeLimitMB=512", "-volume.max=16",
-    ])
+    processes.start(
+        state_dir,
+        "seaweedfs",
+        [
+            weed_binary(),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={s3_dir / 'data'}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-master.port.grpc={ports['master'] + _GRPC_OFFSET}",
+            f"-volume.port.grpc={ports['volume'] + _GRPC_OFFSET}",
+            f"-filer.port.grpc={ports['filer'] + _GRPC_OFFSET}",
+            "-s3",
+            f"-s3.port={ports['s3']}",
+            f"-s3.config={s3_dir / 'identities.json'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=512",
+            "-volume.max=16",
+        ],
+    )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     # Anonymous requests are refused once keys are enforced (403), so readiness is checked on the filer.
     processes.wait_http(f"http://127.0.0.1:{ports['filer']}/", "seaweedfs", state_dir, timeout=120)

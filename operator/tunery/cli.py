@@ -18,7 +18,9 @@ EXIT_VALID, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
 
 @app.command()
 def validate(
-    files: Annotated[list[str], typer.Argument(help="FineTuneJob manifests (YAML, several documents allowed); - reads stdin.")],
+    files: Annotated[
+        list[str], typer.Argument(help="FineTuneJob manifests (YAML, several documents allowed); - reads stdin.")
+    ],
 ) -> None:
     """Check FineTuneJob manifests: schema and cross-field rules. Exit 0 valid, 1 invalid, 2 unreadable."""
     out = Console(highlight=False, soft_wrap=True)

@@ -5,9 +5,9 @@ import time
 
 import pytest
 import yaml
-from invalid_cases import InvalidCase, load_cases
 
 from conftest import EXAMPLES, REPO_ROOT, Kube
+from invalid_cases import InvalidCase, load_cases
 from tunery.api.spec import FineTuneJobSpec
 
 pytestmark = pytest.mark.integration
@@ -82,7 +82,9 @@ def test_explain_prints_descriptions(crd_installed: Kube) -> None:
     _eventually(explained, "kubectl explain has no descriptions")
     output = crd_installed.kubectl("explain", "finetunejob.spec.method").stdout
     assert "low-rank adapters" in output and "promptTuning" in output
-    assert "Maximum tokens per training sequence" in crd_installed.kubectl("explain", "ftj.spec.dataset.maxLength").stdout
+    assert (
+        "Maximum tokens per training sequence" in crd_installed.kubectl("explain", "ftj.spec.dataset.maxLength").stdout
+    )
 
 
 def test_get_shows_printer_columns(crd_installed: Kube) -> None:
@@ -106,6 +108,13 @@ def test_status_is_validated_by_its_schema(crd_installed: Kube) -> None:
     crd_installed.kubectl("apply", "--server-side", "-f", str(EXAMPLES[0]))
     name = yaml.safe_load(EXAMPLES[0].read_text())["metadata"]["name"]
     result = crd_installed.kubectl(
-        "patch", "ftj", name, "--subresource=status", "--type=merge", "-p", '{"status": {"phase": "Exploded"}}', check=False
+        "patch",
+        "ftj",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status": {"phase": "Exploded"}}',
+        check=False,
     )
     assert result.returncode != 0 and "status.phase" in result.stderr

@@ -4,9 +4,9 @@ import dataclasses
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
-import ssl
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +46,10 @@ class OperatorProcess:
     def start(self) -> None:
         log = open(self._log_path, "ab")
         self._process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "tunery"), "operator"], env=self._env, stdout=log, stderr=subprocess.STDOUT
+            [str(Path(sys.executable).parent / "tunery"), "operator"],
+            env=self._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def kill(self) -> None:
@@ -79,7 +82,11 @@ def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
 
 def manifest(example: str, name: str, **spec_changes) -> str:
     document = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
-    document["metadata"] = {"name": name, "namespace": NAMESPACE, **{k: v for k, v in document["metadata"].items() if k == "labels"}}
+    document["metadata"] = {
+        "name": name,
+        "namespace": NAMESPACE,
+        **{k: v for k, v in document["metadata"].items() if k == "labels"},
+    }
     document["spec"].update(spec_changes)
     return yaml.safe_dump(document)
 
@@ -95,7 +102,9 @@ def wait_for(kube: Kube, operator: OperatorProcess, name: str, predicate, timeou
         if predicate(body.get("status") or {}):
             return body
         if time.monotonic() > deadline:
-            raise AssertionError(f"{name} did not reach the expected state; status: {body.get('status')}\n{operator.log()}")
+            raise AssertionError(
+                f"{name} did not reach the expected state; status: {body.get('status')}\n{operator.log()}"
+            )
         time.sleep(0.5)
 
 
@@ -105,7 +114,9 @@ def children(kube: Kube, kind: str, name: str) -> list[dict]:
 
 
 def events(kube: Kube, name: str) -> list[dict]:
-    listed = kube.kubectl("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={name}", "-o", "json")
+    listed = kube.kubectl(
+        "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+    )
     return json.loads(listed.stdout)["items"]
 
 
@@ -136,15 +147,22 @@ def test_invalid_spec_fails_without_children(kube: Kube, operator: OperatorProce
     kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=bad)
     body = wait_for(kube, operator, "bad-target-modules", lambda status: status.get("phase") == "Failed")
     status = body["status"]
-    assert status["failure"]["reason"] == "InvalidSpec" and "spec.method.lora.targetModules" in status["failure"]["message"]
+    assert (
+        status["failure"]["reason"] == "InvalidSpec"
+        and "spec.method.lora.targetModules" in status["failure"]["message"]
+    )
     assert condition(status, "Validated")["status"] == "False" and condition(status, "Stalled")["status"] == "True"
-    assert children(kube, "jobs", "bad-target-modules") == [] and children(kube, "configmaps", "bad-target-modules") == []
+    assert (
+        children(kube, "jobs", "bad-target-modules") == [] and children(kube, "configmaps", "bad-target-modules") == []
+    )
     warnings = [event for event in events(kube, "bad-target-modules") if event["type"] == "Warning"]
     assert warnings and warnings[0]["reason"] == "InvalidSpec"
 
 
 def test_image_override_is_refused_by_policy(kube: Kube, operator: OperatorProcess) -> None:
-    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "own-image", image="evil.example/trainer:latest"))
+    kube.kubectl(
+        "apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "own-image", image="evil.example/trainer:latest")
+    )
     body = wait_for(kube, operator, "own-image", lambda status: status.get("phase") == "Failed")
     assert "spec.image" in body["status"]["failure"]["message"]
     assert children(kube, "jobs", "own-image") == []
@@ -153,8 +171,15 @@ def test_image_override_is_refused_by_policy(kube: Kube, operator: OperatorProce
 def test_unschedulable_reason_reaches_the_status(kube: Kube, operator: OperatorProcess) -> None:
     huge = {"gpus": 16, "memory": "64Gi"}
     kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "too-big", resources=huge))
-    body = wait_for(kube, operator, "too-big", lambda status: (status.get("failure") or {}).get("reason") == "Unschedulable"
-                    or condition(status, "Ready").get("reason") == "Unschedulable")
+    body = wait_for(
+        kube,
+        operator,
+        "too-big",
+        lambda status: (
+            (status.get("failure") or {}).get("reason") == "Unschedulable"
+            or condition(status, "Ready").get("reason") == "Unschedulable"
+        ),
+    )
     assert body["status"]["phase"] == "Pending"
     assert "nvidia.com/gpu" in condition(body["status"], "Ready")["message"]
     assert any(event["type"] == "Warning" and event["reason"] == "Unschedulable" for event in events(kube, "too-big"))
@@ -167,7 +192,9 @@ def test_suspend_and_resume(kube: Kube, operator: OperatorProcess) -> None:
     assert job["spec"]["suspend"] is True
     kube.kubectl("patch", "ftj", "paused", "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"suspend": false}}')
     body = wait_for(kube, operator, "paused", lambda status: status.get("phase") == "Succeeded")
-    assert [job["metadata"]["name"] for job in children(kube, "jobs", "paused")] == [f"paused-{body['status']['revision']}"]
+    assert [job["metadata"]["name"] for job in children(kube, "jobs", "paused")] == [
+        f"paused-{body['status']['revision']}"
+    ]
 
 
 def test_training_change_starts_a_new_revision_and_reapply_is_a_no_op(kube: Kube, operator: OperatorProcess) -> None:
@@ -178,8 +205,15 @@ def test_training_change_starts_a_new_revision_and_reapply_is_a_no_op(kube: Kube
     assert len(children(kube, "jobs", "revised")) == 1
     changed = {"epochs": 1, "learningRate": 1.0e-4, "batchSize": 8}
     kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "revised", hyperparameters=changed))
-    body = wait_for(kube, operator, "revised", lambda status: status.get("revision") not in (None, first) and status.get("phase") == "Succeeded")
-    assert sorted(job["metadata"]["labels"]["tunery.dev/revision"] for job in children(kube, "jobs", "revised")) == sorted([first, body["status"]["revision"]])
+    body = wait_for(
+        kube,
+        operator,
+        "revised",
+        lambda status: status.get("revision") not in (None, first) and status.get("phase") == "Succeeded",
+    )
+    assert sorted(
+        job["metadata"]["labels"]["tunery.dev/revision"] for job in children(kube, "jobs", "revised")
+    ) == sorted([first, body["status"]["revision"]])
 
 
 def test_operator_restart_creates_no_duplicates(kube: Kube, operator: OperatorProcess) -> None:
@@ -215,7 +249,9 @@ def test_multi_node_job_and_rendezvous_service(kube: Kube, operator: OperatorPro
     [service] = children(kube, "services", "multi")
     assert job["spec"]["completionMode"] == "Indexed" and job["status"]["succeeded"] == 2
     assert service["metadata"]["name"] == name and service["spec"]["clusterIP"] == "None"
-    pods = json.loads(kube.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"batch.kubernetes.io/job-name={name}", "-o", "json").stdout)["items"]
+    pods = json.loads(
+        kube.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"batch.kubernetes.io/job-name={name}", "-o", "json").stdout
+    )["items"]
     hostnames = sorted(f"{pod['spec']['hostname']}.{pod['spec']['subdomain']}" for pod in pods)
     assert hostnames == [f"{name}-0.{name}", f"{name}-1.{name}"]
     env = {item["name"]: item.get("value") for item in job["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -263,13 +299,20 @@ def test_progress_channel_is_least_privilege_and_survives_reconciliation(kube: K
     assert status["progress"]["step"] == 180 and status["metrics"]["trainLoss"] == 1.234
 
     with pytest.raises(urllib.error.HTTPError) as other_job:
-        send_apply(dataclasses.replace(endpoint, name="neighbour"), {
-            "apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": "neighbour", "namespace": NAMESPACE}, "status": {"metrics": {"trainLoss": 0.0}},
-        })
+        send_apply(
+            dataclasses.replace(endpoint, name="neighbour"),
+            {
+                "apiVersion": "tunery.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "neighbour", "namespace": NAMESPACE},
+                "status": {"metrics": {"trainLoss": 0.0}},
+            },
+        )
     assert other_job.value.code == 403
     spec_patch = urllib.request.Request(
-        endpoint.status_url.replace("/status?", "?"), method="PATCH", data=b'{"spec": {"suspend": true}}',
+        endpoint.status_url.replace("/status?", "?"),
+        method="PATCH",
+        data=b'{"spec": {"suspend": true}}',
         headers={"Authorization": f"Bearer {endpoint.token}", "Content-Type": "application/merge-patch+json"},
     )
     with pytest.raises(urllib.error.HTTPError) as spec_change:
@@ -296,7 +339,9 @@ def test_running_pods_make_the_job_running(kube: Kube, operator: OperatorProcess
 
 
 def test_oom_killed_reaches_the_status_and_an_event(kube: Kube, operator: OperatorProcess) -> None:
-    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "greedy", resources=outcome("oom"), backoffLimit=0))
+    kube.kubectl(
+        "apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "greedy", resources=outcome("oom"), backoffLimit=0)
+    )
     body = wait_for(kube, operator, "greedy", lambda status: status.get("phase") == "Failed")
     assert body["status"]["failure"]["reason"] == "OOMKilled"
     assert "spec.resources.memory" in body["status"]["failure"]["message"]
@@ -304,10 +349,16 @@ def test_oom_killed_reaches_the_status_and_an_event(kube: Kube, operator: Operat
 
 
 def test_trainer_data_error_fails_at_once_with_its_message(kube: Kube, operator: OperatorProcess) -> None:
-    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "bad-data", resources=outcome("data-error"), backoffLimit=3))
+    kube.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=manifest("lora-sft-chat.yaml", "bad-data", resources=outcome("data-error"), backoffLimit=3),
+    )
     body = wait_for(kube, operator, "bad-data", lambda status: status.get("phase") == "Failed")
     assert body["status"]["failure"] == {
-        "reason": "DataError", "message": "s3://data/train.jsonl line 17: no column text; set dataset.columns.text",
+        "reason": "DataError",
+        "message": "s3://data/train.jsonl line 17: no column text; set dataset.columns.text",
     }
     [job] = children(kube, "jobs", "bad-data")
     assert job["status"]["failed"] == 1, "a bad-data exit code must not be retried"

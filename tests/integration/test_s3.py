@@ -25,7 +25,9 @@ def test_round_trip_with_the_right_keys(s3_env) -> None:
     s3.put_object(Bucket="roundtrip", Key="data/train.jsonl", Body=b'{"text": "hello"}\n')
     body = s3.get_object(Bucket="roundtrip", Key="data/train.jsonl")["Body"].read()
     assert body == b'{"text": "hello"}\n'
-    assert [item["Key"] for item in s3.list_objects_v2(Bucket="roundtrip", Prefix="data/")["Contents"]] == ["data/train.jsonl"]
+    assert [item["Key"] for item in s3.list_objects_v2(Bucket="roundtrip", Prefix="data/")["Contents"]] == [
+        "data/train.jsonl"
+    ]
 
 
 def test_wrong_secret_is_refused(s3_env) -> None:

@@ -17,7 +17,12 @@ GENERATED_HEADER = "# Generated from the API models in operator/tunery/api by `m
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
-    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Training progress, %"},
+    {
+        "name": "Progress",
+        "type": "integer",
+        "jsonPath": ".status.progress.percent",
+        "description": "Training progress, %",
+    },
     {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "description": "Latest training loss"},
     {"name": "Model", "type": "string", "jsonPath": ".status.model.uri", "description": "Published model"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -53,7 +58,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         return _structural({**target, **siblings}, defs)
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         variants = [variant for variant in node["anyOf"] if variant.get("type") != "null"]
-        rest = {key: value for key, value in node.items() if key != "anyOf" and not (key == "default" and value is None)}
+        rest = {
+            key: value for key, value in node.items() if key != "anyOf" and not (key == "default" and value is None)
+        }
         if len(variants) == 1:
             return _structural({**variants[0], **rest}, defs)
         # A field of several shapes (a string or a list) is checked by its CEL rule and by pydantic.

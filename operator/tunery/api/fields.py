@@ -19,7 +19,9 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-RESOURCE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+RESOURCE_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 HTTP_URL_PATTERN = r"^https?://[^\s/?#]+(/[^\s]*)?$"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
@@ -69,23 +71,33 @@ OutputUri = _pattern_string(OUTPUT_URI_PATTERN, 2048, _invalid_uri(_OUTPUT_FORMS
 ObjectName = _pattern_string(DNS_SUBDOMAIN_PATTERN, 253, _not_a("a Kubernetes object name", '"s3-creds"'))
 ResourceName = _pattern_string(RESOURCE_NAME_PATTERN, 253, _not_a("a Kubernetes resource name", '"nvidia.com/gpu"'))
 HttpUrl = _pattern_string(HTTP_URL_PATTERN, 2048, _not_a("an http(s) URL", '"http://minio.minio:9000"'))
-ModelName = _pattern_string(MODEL_NAME_PATTERN, 128, _not_a("a model name of letters, digits, '.', '_' and '-'", '"support-bot"'))
+ModelName = _pattern_string(
+    MODEL_NAME_PATTERN, 128, _not_a("a model name of letters, digits, '.', '_' and '-'", '"support-bot"')
+)
 
 # Kubernetes accepts quantities as integers or strings; the API keeps them as strings.
 Quantity = Annotated[
     _pattern_string(QUANTITY_PATTERN, 64, _not_a("a Kubernetes quantity", '"8", "500m" or "64Gi"')),
     BeforeValidator(_quantity_to_string),
     WithJsonSchema(
-        {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+        }
     ),
 ]
 
 
 def _check_target_modules(value: Any) -> Any:
-    if value == "all-linear" or (isinstance(value, list) and value and all(isinstance(item, str) and item for item in value)):
+    if value == "all-linear" or (
+        isinstance(value, list) and value and all(isinstance(item, str) and item for item in value)
+    ):
         return value
     raise PydanticCustomError(
-        "target_modules", "{detail}", {"detail": f"{value!r} is not all-linear or a list of module names; write it like [q_proj, v_proj]"}
+        "target_modules",
+        "{detail}",
+        {"detail": f"{value!r} is not all-linear or a list of module names; write it like [q_proj, v_proj]"},
     )
 
 

@@ -5,7 +5,16 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tunery.api.base import ApiModel
-from tunery.api.fields import HttpUrl, ModelName, ObjectName, OutputUri, Quantity, ResourceName, SourceUri, TargetModules
+from tunery.api.fields import (
+    HttpUrl,
+    ModelName,
+    ObjectName,
+    OutputUri,
+    Quantity,
+    ResourceName,
+    SourceUri,
+    TargetModules,
+)
 
 Task = Literal["causal-lm", "masked-lm", "sequence-classification", "token-classification"]
 MethodType = Literal["full", "lora", "qlora", "prompt-tuning", "prefix-tuning", "ia3", "bitfit"]

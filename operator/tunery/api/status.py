@@ -8,7 +8,9 @@ from pydantic import Field
 from tunery.api.base import ApiModel
 
 Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
-ConditionType = Literal["Ready", "Reconciling", "Stalled", "Validated", "Complete", "Failed", "ModelPublished", "Serving"]
+ConditionType = Literal[
+    "Ready", "Reconciling", "Stalled", "Validated", "Complete", "Failed", "ModelPublished", "Serving"
+]
 
 
 class Condition(ApiModel):

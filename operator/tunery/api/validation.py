@@ -91,7 +91,9 @@ def _schema_error(error: dict[str, Any]) -> FieldError:
     kind = error["type"]
     given = error.get("input")
     if kind == "missing":
-        return FieldError(path, "required field is missing; add it (kubectl explain finetunejob." + path + " describes it)")
+        return FieldError(
+            path, "required field is missing; add it (kubectl explain finetunejob." + path + " describes it)"
+        )
     if kind == "extra_forbidden":
         field = str(error["loc"][-1])
         close = difflib.get_close_matches(field, _all_field_names(), n=1, cutoff=0.6)

@@ -33,7 +33,16 @@ class Verdict:
 WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName")
 
 # Fields the operator owns in the status; the trainer owns progress, metrics, checkpoints and model.
-OPERATOR_FIELDS = ("phase", "conditions", "observedGeneration", "revision", "attempts", "startTime", "completionTime", "failure")
+OPERATOR_FIELDS = (
+    "phase",
+    "conditions",
+    "observedGeneration",
+    "revision",
+    "attempts",
+    "startTime",
+    "completionTime",
+    "failure",
+)
 
 
 def decide(observation: Observation) -> Verdict:
@@ -52,7 +61,9 @@ def decide(observation: Observation) -> Verdict:
     if job["spec"].get("suspend"):
         if observation.queued:
             return Verdict("Queued", "Queued", "waiting for the queue to admit the Job")
-        return Verdict("Suspended", "Suspended", "spec.suspend is true; set it to false to resume from the latest checkpoint")
+        return Verdict(
+            "Suspended", "Suspended", "spec.suspend is true; set it to false to resume from the latest checkpoint"
+        )
     waiting = _waiting_reason(observation.pods)
     if waiting:
         return Verdict("Pending", *waiting)
@@ -75,8 +86,13 @@ def operator_status(observation: Observation, previous: dict[str, Any], now: dat
     before = {condition["type"]: condition for condition in previous.get("conditions", [])}
     conditions = [
         _condition(
-            before, "Validated", not observation.spec_errors, "InvalidSpec" if observation.spec_errors else "Valid",
-            verdict.message if observation.spec_errors else "", observation.generation, now,
+            before,
+            "Validated",
+            not observation.spec_errors,
+            "InvalidSpec" if observation.spec_errors else "Valid",
+            verdict.message if observation.spec_errors else "",
+            observation.generation,
+            now,
         )
     ]
     for kind, (holds, reason) in wanted.items():
@@ -128,7 +144,9 @@ def _failure(condition: dict[str, Any], pods: list[dict[str, Any]]) -> tuple[str
     """The most specific reason: the trainer's own JSON message, an OOM kill, else the Job's reason."""
     for pod in sorted(pods, key=lambda pod: pod["metadata"].get("creationTimestamp", ""), reverse=True):
         for container in pod.get("status", {}).get("containerStatuses", []):
-            terminated = container.get("state", {}).get("terminated") or container.get("lastState", {}).get("terminated")
+            terminated = container.get("state", {}).get("terminated") or container.get("lastState", {}).get(
+                "terminated"
+            )
             if not terminated:
                 continue
             if terminated.get("reason") == "OOMKilled":
@@ -163,10 +181,16 @@ def _waiting_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     for pod in pods:
         status = pod.get("status", {})
         for condition in status.get("conditions", []):
-            if condition["type"] == "PodScheduled" and condition["status"] == "False" and condition.get("reason") == "Unschedulable":
+            if (
+                condition["type"] == "PodScheduled"
+                and condition["status"] == "False"
+                and condition.get("reason") == "Unschedulable"
+            ):
                 return "Unschedulable", condition.get("message", "no node fits the training pod")
         for container in status.get("containerStatuses", []):
             waiting = container.get("state", {}).get("waiting", {})
             if waiting.get("reason") in WAITING_PROBLEMS:
-                return waiting["reason"], f"{container.get('image', 'the image')}: {waiting.get('message', 'cannot be pulled')}"
+                return waiting[
+                    "reason"
+                ], f"{container.get('image', 'the image')}: {waiting.get('message', 'cannot be pulled')}"
     return None

@@ -25,8 +25,12 @@ class _JobsCollector(Collector):
         self._tracked = tracked
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        by_phase = GaugeMetricFamily("tunery_finetunejobs", "FineTuneJobs by namespace and phase.", labels=["namespace", "phase"])
-        gpus = GaugeMetricFamily("tunery_gpus_requested", "GPUs requested by running training Jobs.", labels=["namespace"])
+        by_phase = GaugeMetricFamily(
+            "tunery_finetunejobs", "FineTuneJobs by namespace and phase.", labels=["namespace", "phase"]
+        )
+        gpus = GaugeMetricFamily(
+            "tunery_gpus_requested", "GPUs requested by running training Jobs.", labels=["namespace"]
+        )
         counts: dict[tuple[str, str], int] = {}
         running_gpus: dict[str, int] = {}
         for (namespace, _), job in self._tracked.items():
@@ -49,7 +53,9 @@ class OperatorMetrics:
         self._tracked: dict[tuple[str, str], _Tracked] = {}
         self.registry.register(_JobsCollector(self._tracked))
         self.reconcile_duration = Histogram(
-            "tunery_reconcile_duration_seconds", "Time to reconcile one FineTuneJob.", registry=self.registry,
+            "tunery_reconcile_duration_seconds",
+            "Time to reconcile one FineTuneJob.",
+            registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.reconcile_errors = Counter(
@@ -59,12 +65,17 @@ class OperatorMetrics:
             "tunery_phase_transitions", "FineTuneJob phase changes.", ["from_phase", "to_phase"], registry=self.registry
         )
         self.job_duration = Histogram(
-            "tunery_training_duration_seconds", "Training Job run time, from start to completion, by outcome.", ["outcome"],
-            registry=self.registry, buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200),
+            "tunery_training_duration_seconds",
+            "Training Job run time, from start to completion, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+            buckets=(60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200),
         )
         self.queue_wait = Histogram(
-            "tunery_queue_wait_seconds", "Time from a FineTuneJob's creation to its training pods running.",
-            registry=self.registry, buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 14400),
+            "tunery_queue_wait_seconds",
+            "Time from a FineTuneJob's creation to its training pods running.",
+            registry=self.registry,
+            buckets=(1, 5, 15, 60, 300, 900, 1800, 3600, 14400),
         )
 
     def serve(self, port: int) -> None:

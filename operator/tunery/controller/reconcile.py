@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 class Reconciler:
     """Level-triggered reconciliation; one FineTuneJob at a time, however many watch events point at it."""
 
-    def __init__(self, api: KubeApi, settings: OperatorSettings, post_event: EventPoster, metrics: OperatorMetrics) -> None:
+    def __init__(
+        self, api: KubeApi, settings: OperatorSettings, post_event: EventPoster, metrics: OperatorMetrics
+    ) -> None:
         self._api = api
         self._settings = settings
         self._post_event = post_event

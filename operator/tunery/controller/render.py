@@ -203,7 +203,11 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         ],
         "resources": _resources(target),
         "ports": [{"name": "metrics", "containerPort": 9090}]
-        + ([{"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT}] if target.spec.resources.nodes > 1 else []),
+        + (
+            [{"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT}]
+            if target.spec.resources.nodes > 1
+            else []
+        ),
         "volumeMounts": [
             {"name": "config", "mountPath": contract.CONFIG_DIR, "readOnly": True},
             {"name": "cache", "mountPath": "/var/cache/tunery"},
@@ -254,7 +258,11 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
             "rules": [
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": "trainer", "operator": "In", "values": list(contract.FINAL_EXIT_CODES)},
+                    "onExitCodes": {
+                        "containerName": "trainer",
+                        "operator": "In",
+                        "values": list(contract.FINAL_EXIT_CODES),
+                    },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]
