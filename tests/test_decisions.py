@@ -130,3 +130,17 @@ def test_unchanged_status_patches_nothing_and_keeps_transition_times() -> None:
     times = {c["type"]: c["lastTransitionTime"] for c in finished["conditions"]}
     assert times["Validated"] == "2026-11-22T12:00:00Z" and times["Complete"] == "2026-11-22T12:09:00Z"
     assert set(changed_fields(finished, first)) == {"phase", "conditions"}
+
+
+def test_pods_the_job_could_not_create() -> None:
+    warnings = [
+        {"reason": "FailedCreate", "message": "older", "lastTimestamp": "2026-11-22T11:00:00Z"},
+        {
+            "reason": "FailedCreate",
+            "message": 'pods "ft-" is forbidden: exceeded quota: gpus',
+            "lastTimestamp": "2026-11-22T11:05:00Z",
+        },
+    ]
+    verdict = decide(observe(job=job(), job_warnings=warnings))
+    assert verdict.phase == "Pending" and verdict.reason == "FailedCreate" and "exceeded quota" in verdict.message
+    assert decide(observe(job=job(), pods=[pod("Running")], job_warnings=warnings)).phase == "Running"

@@ -38,6 +38,7 @@ class OperatorProcess:
             "TUNERY_NAMESPACES": NAMESPACE,
             "TUNERY_HEALTH_PORT": "0",
             "TUNERY_METRICS_PORT": str(METRICS_PORT),
+            "TUNERY_PENDING_RECHECK_SECONDS": "1",
             "TUNERY_TRAINER_IMAGE": "ghcr.io/tunery/trainer:e2e",
         }
         self._log_path = log_path
@@ -362,3 +363,14 @@ def test_trainer_data_error_fails_at_once_with_its_message(kube: Kube, operator:
     }
     [job] = children(kube, "jobs", "bad-data")
     assert job["status"]["failed"] == 1, "a bad-data exit code must not be retried"
+
+
+def test_pods_the_job_cannot_create_are_explained(kube: Kube, operator: OperatorProcess) -> None:
+    resources = {"gpus": 1, "memory": "64Gi", "priorityClassName": "no-such-class"}
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "blocked", resources=resources))
+    body = wait_for(
+        kube, operator, "blocked", lambda status: condition(status, "Ready").get("reason") == "FailedCreate"
+    )
+    assert body["status"]["phase"] == "Pending"
+    assert "no PriorityClass with name no-such-class" in condition(body["status"], "Ready")["message"]
+    assert any(event["type"] == "Warning" and event["reason"] == "FailedCreate" for event in events(kube, "blocked"))

@@ -17,6 +17,7 @@ class Observation:
     spec_errors: list[FieldError] = field(default_factory=list)
     job: dict[str, Any] | None = None
     pods: list[dict[str, Any]] = field(default_factory=list)
+    job_warnings: list[dict[str, Any]] = field(default_factory=list)
     queued: bool = False
 
 
@@ -30,7 +31,9 @@ class Verdict:
 
 
 # Reasons that keep pods from starting and need someone to act.
-WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "FailedCreate")
+# Reasons of a Job that has no running pods yet: worth looking again soon, since nothing else may wake us.
+STARTING = ("Creating", "Starting", "FailedCreate")
 
 # Fields the operator owns in the status; the trainer owns progress, metrics, checkpoints and model.
 OPERATOR_FIELDS = (
@@ -64,7 +67,7 @@ def decide(observation: Observation) -> Verdict:
         return Verdict(
             "Suspended", "Suspended", "spec.suspend is true; set it to false to resume from the latest checkpoint"
         )
-    waiting = _waiting_reason(observation.pods)
+    waiting = _waiting_reason(observation.pods) or _pods_not_created(observation)
     if waiting:
         return Verdict("Pending", *waiting)
     if any(pod.get("status", {}).get("phase") == "Running" for pod in observation.pods):
@@ -174,6 +177,17 @@ def _trainer_message(text: str) -> tuple[str, str] | None:
     if isinstance(parsed, dict) and isinstance(parsed.get("reason"), str) and isinstance(parsed.get("message"), str):
         return parsed["reason"], parsed["message"]
     return None
+
+
+def _pods_not_created(observation: Observation) -> tuple[str, str] | None:
+    """The Job controller's latest complaint (quota, PriorityClass, admission) when it created no pod."""
+    if observation.pods:
+        return None
+    complaints = [event for event in observation.job_warnings if event.get("reason") == "FailedCreate"]
+    if not complaints:
+        return None
+    latest = max(complaints, key=lambda event: event.get("lastTimestamp") or event.get("eventTime") or "")
+    return "FailedCreate", latest.get("message", "the Job controller could not create the training pods")
 
 
 def _waiting_reason(pods: list[dict[str, Any]]) -> tuple[str, str] | None:

@@ -8,6 +8,7 @@ import kopf
 from lightkube import AsyncClient
 
 from tunery.api.resource import GROUP, PLURAL, VERSION
+from tunery.controller import decisions
 from tunery.controller.kube import KubeApi
 from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL, MANAGED_BY
@@ -24,36 +25,50 @@ def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> N
     kopf.event(body, type=kind, reason=reason, message=message)
 
 
-class _Retrying:
-    """Runs reconciliations, scheduling a retry with backoff when one fails."""
+class _ReconcileScheduler:
+    """Runs reconciliations; retries failures with backoff, and looks again at jobs whose pods have not started.
 
-    def __init__(self, reconciler: Reconciler) -> None:
+    A Job whose pods cannot be created changes nothing that is watched, so a starting job is re-checked
+    every `recheck_seconds` until it runs; at most one retry or re-check is pending per FineTuneJob.
+    """
+
+    def __init__(self, reconciler: Reconciler, recheck_seconds: float) -> None:
         self._reconciler = reconciler
-        self._pending: set[asyncio.Task] = set()
+        self._recheck_seconds = recheck_seconds
+        self._pending: dict[tuple[str, str], asyncio.Task] = {}
 
     async def __call__(self, namespace: str, name: str, attempt: int = 0) -> None:
         try:
-            await self._reconciler.reconcile(namespace, name)
+            verdict = await self._reconciler.reconcile(namespace, name)
         except Exception:
             delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
             logger.exception("reconciling %s/%s failed; retrying in %.0fs", namespace, name, delay)
-            task = asyncio.create_task(self._later(delay, namespace, name, attempt + 1))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            self._later(delay, namespace, name, attempt + 1)
+            return
+        if verdict is not None and verdict.reason in decisions.STARTING:
+            self._later(self._recheck_seconds, namespace, name, 0)
 
     def forget(self, namespace: str, name: str) -> None:
         self._reconciler.metrics.forget(namespace, name)
 
-    async def _later(self, delay: float, namespace: str, name: str, attempt: int) -> None:
-        await asyncio.sleep(delay)
-        await self(namespace, name, attempt)
+    def _later(self, delay: float, namespace: str, name: str, attempt: int) -> None:
+        key = (namespace, name)
+        if key in self._pending:
+            return
+
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            del self._pending[key]
+            await self(namespace, name, attempt)
+
+        self._pending[key] = asyncio.create_task(run())
 
 
 def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry:
     """The operator's handlers, registered on a registry of their own (nothing registers at import time)."""
     registry = kopf.OperatorRegistry()
     owned = {"app.kubernetes.io/managed-by": MANAGED_BY, FINETUNEJOB_LABEL: kopf.PRESENT}
-    reconcile: dict[str, _Retrying] = {}
+    reconcile: dict[str, _ReconcileScheduler] = {}
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -69,7 +84,8 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
         if operator_settings.metrics_port:
             metrics.serve(operator_settings.metrics_port)
         api = KubeApi(AsyncClient(field_manager=FIELD_MANAGER))
-        reconcile["run"] = _Retrying(Reconciler(api, operator_settings, _post_event, metrics))
+        reconciler = Reconciler(api, operator_settings, _post_event, metrics)
+        reconcile["run"] = _ReconcileScheduler(reconciler, operator_settings.pending_recheck_seconds)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def finetunejob_changed(type: str, namespace: str, name: str, **_: Any) -> None:

@@ -6,7 +6,7 @@ from lightkube import AsyncClient, codecs
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Pod
+from lightkube.resources.core_v1 import Event, Pod
 from lightkube.types import CascadeType, PatchType
 
 from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
@@ -49,6 +49,11 @@ class KubeApi:
     async def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         pods = self._client.list(Pod, namespace=namespace, labels={"batch.kubernetes.io/job-name": job_name})
         return [pod.to_dict() async for pod in pods]
+
+    async def list_job_warnings(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
+        """Warning Events about a Job (the Job controller reports pods it could not create only there)."""
+        fields = {"involvedObject.kind": "Job", "involvedObject.name": job_name, "type": "Warning"}
+        return [event.to_dict() async for event in self._client.list(Event, namespace=namespace, fields=fields)]
 
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self._client.patch(

@@ -33,16 +33,17 @@ class Reconciler:
         self.metrics = metrics
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    async def reconcile(self, namespace: str, name: str) -> None:
+    async def reconcile(self, namespace: str, name: str) -> decisions.Verdict | None:
+        """Reconcile and return the verdict (None once the FineTuneJob is gone)."""
         async with self._locks[(namespace, name)]:
             with self.metrics.reconciling():
-                await self._reconcile(namespace, name)
+                return await self._reconcile(namespace, name)
 
-    async def _reconcile(self, namespace: str, name: str) -> None:
+    async def _reconcile(self, namespace: str, name: str) -> decisions.Verdict | None:
         body = await self._api.get_finetunejob(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.metrics.forget(namespace, name)
-            return
+            return None
         observation = await self._observe(body)
         previous = body.get("status") or {}
         now = datetime.now(UTC)
@@ -51,9 +52,10 @@ class Reconciler:
         if patch:
             await self._api.patch_status(namespace, name, patch)
         self._record(body, wanted, previous.get("phase"), now)
-        if wanted["phase"] != previous.get("phase"):
-            verdict = decisions.decide(observation)
+        verdict = decisions.decide(observation)
+        if wanted["phase"] != previous.get("phase") or _reason(previous) != verdict.reason:
             self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
+        return verdict
 
     def _record(self, body: dict[str, Any], wanted: dict[str, Any], previous_phase: str | None, now: datetime) -> None:
         phase = wanted["phase"]
@@ -92,7 +94,10 @@ class Reconciler:
         await self._stop_stale_revisions(target)
         job = await self._api.get_job(target.namespace, target.job_name)
         pods = await self._api.list_pods(target.namespace, target.job_name)
-        return decisions.Observation(generation, revision, job=job, pods=pods, queued=queue is not None)
+        warnings = [] if pods or job is None else await self._api.list_job_warnings(target.namespace, target.job_name)
+        return decisions.Observation(
+            generation, revision, job=job, pods=pods, job_warnings=warnings, queued=queue is not None
+        )
 
     def _policy_errors(self, body: dict[str, Any]) -> list[FieldError]:
         if body.get("spec", {}).get("image") and not self._settings.allow_image_override:
@@ -120,6 +125,11 @@ class Reconciler:
 
 def _timestamp(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _reason(status: dict[str, Any]) -> str | None:
+    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+    return ready["reason"] if ready else None
 
 
 def _event_type(verdict: decisions.Verdict) -> str:

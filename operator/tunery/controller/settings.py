@@ -19,6 +19,8 @@ class OperatorSettings(BaseSettings):
     """Whether spec.image may replace the trainer image."""
     workers: int = Field(20, ge=1)
     """Concurrent reconciliations."""
+    pending_recheck_seconds: float = Field(15.0, gt=0)
+    """How often a job whose pods have not started is looked at again (a Job that cannot create pods changes nothing watched)."""
     peering: str = ""
     """Kopf peering name for running several replicas (one active); empty runs standalone."""
     metrics_port: int = Field(8080, ge=0, le=65535)
