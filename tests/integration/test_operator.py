@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 
 NAMESPACE = "operator-e2e"
 METRICS_PORT = free_port()
+HEALTH_PORT = free_port()
 CRD_FILE = REPO_ROOT / "crds" / "tunery.dev_finetunejobs.yaml"
 
 
@@ -36,7 +37,7 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(kube.kubeconfig),
             "TUNERY_NAMESPACES": NAMESPACE,
-            "TUNERY_HEALTH_PORT": "0",
+            "TUNERY_HEALTH_PORT": str(HEALTH_PORT),
             "TUNERY_METRICS_PORT": str(METRICS_PORT),
             "TUNERY_PENDING_RECHECK_SECONDS": "1",
             "TUNERY_TRAINER_IMAGE": "ghcr.io/tunery/trainer:e2e",
@@ -374,3 +375,15 @@ def test_pods_the_job_cannot_create_are_explained(kube: Kube, operator: Operator
     assert body["status"]["phase"] == "Pending"
     assert "no PriorityClass with name no-such-class" in condition(body["status"], "Ready")["message"]
     assert any(event["type"] == "Warning" and event["reason"] == "FailedCreate" for event in events(kube, "blocked"))
+
+
+def test_liveness_endpoint_answers(kube: Kube, operator: OperatorProcess) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{HEALTH_PORT}/healthz", timeout=5) as response:
+                assert response.status == 200
+                return
+        except OSError:
+            assert time.monotonic() < deadline, operator.log()
+            time.sleep(0.5)
