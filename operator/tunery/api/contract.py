@@ -4,6 +4,8 @@ CONFIG_DIR = "/etc/tunery"
 CONFIG_FILE = "trainer.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
+# pvc://CLAIM/PATH is read at PVC_MOUNT_ROOT/CLAIM/PATH inside the trainer and server pods.
+PVC_MOUNT_ROOT = "/mnt/pvc"
 
 # Exit codes of the trainer. The bad-input classes are final: the Job's podFailurePolicy fails the Job at
 # once instead of retrying; anything else (a crash, a lost node) is retried and resumes from a checkpoint.

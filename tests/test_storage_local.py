@@ -1,0 +1,59 @@
+"""Storage on local paths (file://, pvc://): fetch, publish with the manifest last, and refusing incomplete uploads."""
+
+from pathlib import Path
+
+import pytest
+
+from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError
+
+
+@pytest.fixture
+def storage() -> Storage:
+    return Storage(S3Settings())
+
+
+def model_dir(root: Path) -> Path:
+    (root / "adapter").mkdir(parents=True)
+    (root / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 1000)
+    (root / "config.json").write_text('{"model_type": "llama"}')
+    return root
+
+
+def test_locations() -> None:
+    assert Location.parse("s3://models/out/run/") == Location("s3://models/out/run/", "models", "out/run/", None)
+    assert Location.parse("pvc://model-store/bert").local == Path("/mnt/pvc/model-store/bert")
+    assert Location.parse("file:///data/train.jsonl").local == Path("/data/train.jsonl")
+    with pytest.raises(StorageError, match="only s3://, file:// and pvc://"):
+        Location.parse("hf://org/name")
+
+
+def test_publish_then_fetch_published(storage: Storage, tmp_path: Path) -> None:
+    source = model_dir(tmp_path / "model")
+    manifest = storage.publish(source, f"file://{tmp_path}/published/", {"revision": "1234abcd"})
+    assert [entry["path"] for entry in manifest["files"]] == ["adapter/adapter_model.safetensors", "config.json"]
+    assert (tmp_path / "published" / MANIFEST_NAME).is_file()
+    fetched = storage.fetch_published(f"file://{tmp_path}/published/", tmp_path / "fetched")
+    assert sorted(path.relative_to(tmp_path / "fetched").as_posix() for path in fetched) == [
+        "adapter/adapter_model.safetensors",
+        "config.json",
+    ]
+
+
+def test_an_upload_without_manifest_is_not_a_model(storage: Storage, tmp_path: Path) -> None:
+    half = model_dir(tmp_path / "half")
+    with pytest.raises(StorageError) as refused:
+        storage.fetch_published(f"file://{half}/", tmp_path / "fetched")
+    assert refused.value.reason == "ModelIncomplete" and "interrupted" in refused.value.message
+
+
+def test_a_file_that_differs_from_the_manifest_is_refused(storage: Storage, tmp_path: Path) -> None:
+    storage.publish(model_dir(tmp_path / "model"), f"file://{tmp_path}/published/")
+    (tmp_path / "published" / "config.json").write_text("{}")
+    with pytest.raises(StorageError, match="config.json is missing or differs"):
+        storage.fetch_published(f"file://{tmp_path}/published/", tmp_path / "fetched")
+
+
+def test_missing_local_source(storage: Storage, tmp_path: Path) -> None:
+    with pytest.raises(StorageError) as missing:
+        storage.fetch(f"file://{tmp_path}/nothing-here.jsonl", tmp_path / "out")
+    assert missing.value.reason == "ObjectMissing"

@@ -1,0 +1,248 @@
+"""Object storage for the trainer: fetch data and models, publish a directory with its manifest written last."""
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+from tunery.api import contract
+
+MANIFEST_NAME = "tunery-manifest.json"
+_MIB = 1024 * 1024
+
+
+class StorageError(Exception):
+    """A storage problem the user must fix; `reason` is the CamelCase class reported in the FineTuneJob status."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed storage URI: an S3 bucket and key, or a local directory (file://, or pvc:// under its mount)."""
+
+    uri: str
+    bucket: str | None
+    key: str
+    local: Path | None
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.uri.endswith("/")
+
+    @classmethod
+    def parse(cls, uri: str) -> "Location":
+        scheme, _, rest = uri.partition("://")
+        if scheme == "s3":
+            bucket, _, key = rest.partition("/")
+            return cls(uri, bucket, key, None)
+        if scheme == "file":
+            return cls(uri, None, "", Path(rest))
+        if scheme == "pvc":
+            claim, _, path = rest.partition("/")
+            return cls(uri, None, "", Path(contract.PVC_MOUNT_ROOT) / claim / path)
+        raise StorageError(
+            "UnsupportedUri", f"{uri}: only s3://, file:// and pvc:// locations can be read or written here"
+        )
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3: spec.storage, with credentials from the environment or the pod's identity."""
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    addressing: str = "auto"
+
+
+_TRANSFER = TransferConfig(multipart_threshold=64 * _MIB, multipart_chunksize=64 * _MIB, max_concurrency=8)
+
+
+class Storage:
+    """Fetch and publish through boto3's transfer manager (multipart, parallel, retried with backoff)."""
+
+    def __init__(self, settings: S3Settings) -> None:
+        self.settings = settings
+        self.bytes_downloaded = 0
+        self.bytes_uploaded = 0
+        config = Config(
+            region_name=settings.region,
+            retries={"mode": "standard", "max_attempts": 5},
+            s3={"addressing_style": settings.addressing},
+        )
+        # A session of its own: boto3's default session caches the credentials it resolved first.
+        self.client = boto3.session.Session().client("s3", endpoint_url=settings.endpoint, config=config)
+
+    def fetch(self, uri: str, destination: Path) -> list[Path]:
+        """Copy a file, or every object under a prefix (URI ending in /), into `destination`; return the files."""
+        location = Location.parse(uri)
+        destination.mkdir(parents=True, exist_ok=True)
+        if location.local is not None:
+            return self._fetch_local(location, destination)
+        with self._explained(location):
+            if not location.is_prefix:
+                target = destination / Path(location.key).name
+                self.client.download_file(location.bucket, location.key, str(target), Config=_TRANSFER)
+                self.bytes_downloaded += target.stat().st_size
+                return [target]
+            keys = self._list(location)
+            files = []
+            for key in keys:
+                target = destination / key[len(location.key) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(location.bucket, key, str(target), Config=_TRANSFER)
+                self.bytes_downloaded += target.stat().st_size
+                files.append(target)
+            return files
+
+    def fetch_published(self, uri: str, destination: Path) -> list[Path]:
+        """Fetch a published directory, refusing one without a manifest or whose files do not match it."""
+        manifest = self.read_manifest(uri)
+        if manifest is None:
+            raise StorageError(
+                "ModelIncomplete",
+                f"{uri} has no {MANIFEST_NAME}: the upload was interrupted or never finished; publish it again",
+            )
+        files = self.fetch(uri, destination)
+        for entry in manifest["files"]:
+            path = destination / entry["path"]
+            if not path.is_file() or _sha256(path) != entry["sha256"]:
+                raise StorageError("ModelIncomplete", f"{uri}{entry['path']} is missing or differs from the manifest")
+        return [path for path in files if path.name != MANIFEST_NAME]
+
+    def read_manifest(self, uri: str) -> dict[str, Any] | None:
+        """The manifest of a published directory, or None when it has none (yet)."""
+        location = Location.parse(_as_prefix(uri))
+        if location.local is not None:
+            path = location.local / MANIFEST_NAME
+            return json.loads(path.read_text()) if path.is_file() else None
+        with self._explained(location):
+            try:
+                body = self.client.get_object(Bucket=location.bucket, Key=location.key + MANIFEST_NAME)["Body"]
+            except self.client.exceptions.NoSuchKey:
+                return None
+            return json.loads(body.read())
+
+    def publish(self, source: Path, uri: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload every file under `source` below the prefix `uri`, then the manifest: present only when all is there."""
+        location = Location.parse(_as_prefix(uri))
+        files = sorted(path for path in source.rglob("*") if path.is_file() and path.name != MANIFEST_NAME)
+        manifest = {
+            "files": [
+                {"path": str(path.relative_to(source)), "size": path.stat().st_size, "sha256": _sha256(path)}
+                for path in files
+            ],
+            **(metadata or {}),
+        }
+        if location.local is not None:
+            for path in files:
+                target = location.local / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            staging = location.local / (MANIFEST_NAME + ".partial")
+            staging.write_text(json.dumps(manifest, indent=2))
+            staging.replace(location.local / MANIFEST_NAME)
+            return manifest
+        with self._explained(location):
+            for path in files:
+                key = location.key + str(path.relative_to(source))
+                self.client.upload_file(str(path), location.bucket, key, Config=_TRANSFER)
+                self.bytes_uploaded += path.stat().st_size
+            self.client.put_object(
+                Bucket=location.bucket, Key=location.key + MANIFEST_NAME, Body=json.dumps(manifest, indent=2).encode()
+            )
+        return manifest
+
+    def _list(self, location: Location) -> list[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        keys = [
+            item["Key"]
+            for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key)
+            for item in page.get("Contents", [])
+            if not item["Key"].endswith("/")
+        ]
+        if not keys:
+            raise StorageError("ObjectMissing", f"{location.uri}: nothing is stored under this prefix; check the URI")
+        return sorted(keys)
+
+    def _fetch_local(self, location: Location, destination: Path) -> list[Path]:
+        source = location.local
+        assert source is not None
+        if source.is_file():
+            target = destination / source.name
+            shutil.copyfile(source, target)
+            return [target]
+        if not source.is_dir() or not any(source.iterdir()):
+            raise StorageError("ObjectMissing", f"{location.uri}: no such file or directory, or it is empty")
+        files = []
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                target = destination / path.relative_to(source)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                files.append(target)
+        return files
+
+    @contextmanager
+    def _explained(self, location: Location) -> Iterator[None]:
+        """Turn botocore errors into StorageErrors that name the URI, what went wrong and the fix."""
+        uri, endpoint = location.uri, self.settings.endpoint or "AWS S3"
+        try:
+            yield
+        except NoCredentialsError as error:
+            raise StorageError(
+                "StorageCredentials",
+                f"{uri}: no S3 credentials: set spec.storage.credentialsSecret, or give the pod an identity (IRSA)",
+            ) from error
+        except EndpointConnectionError as error:
+            raise StorageError(
+                "StorageUnreachable", f"{uri}: cannot reach {endpoint}: check spec.storage.endpoint"
+            ) from error
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
+                raise StorageError(
+                    "StorageCredentials",
+                    f"{uri}: {endpoint} refused the credentials ({code}): check the keys in the Secret named by "
+                    "spec.storage.credentialsSecret, and that they may read and write this bucket",
+                ) from error
+            if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
+                if code == "NoSuchBucket" or not self._bucket_exists(location.bucket):
+                    raise StorageError(
+                        "BucketMissing",
+                        f"{uri}: bucket {location.bucket} does not exist at {endpoint}: create it or fix the URI",
+                    ) from error
+                raise StorageError("ObjectMissing", f"{uri}: no such object; check the URI") from error
+            raise
+
+    def _bucket_exists(self, bucket: str | None) -> bool:
+        """A missing object and a missing bucket both answer a HEAD with a bare 404; ask about the bucket."""
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as error:
+            return error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound")
+        return True
+
+
+def _as_prefix(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(4 * _MIB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
