@@ -144,3 +144,11 @@ def test_pods_the_job_could_not_create() -> None:
     verdict = decide(observe(job=job(), job_warnings=warnings))
     assert verdict.phase == "Pending" and verdict.reason == "FailedCreate" and "exceeded quota" in verdict.message
     assert decide(observe(job=job(), pods=[pod("Running")], job_warnings=warnings)).phase == "Running"
+
+
+def test_the_model_changes_only_when_a_revision_succeeds() -> None:
+    model = {"uri": "s3://models/out/chat/1234abcd/", "name": "chat"}
+    running = operator_status(observe(job=job(), pods=[pod("Running")], model=model), {}, NOW)
+    assert "model" not in running and "modelRevision" not in running
+    done = operator_status(observe(job=job(("Complete", "Completed", "")), model=model), running, NOW)
+    assert done["model"] == model and done["modelRevision"] == "1234abcd"

@@ -133,6 +133,8 @@ def test_apply_trains_to_complete(kube: Kube, operator: OperatorProcess) -> None
     status = body["status"]
     assert condition(status, "Ready")["status"] == "True" and condition(status, "Stalled")["status"] == "False"
     assert status["observedGeneration"] == body["metadata"]["generation"] and status["attempts"] == 1
+    assert status["model"] == {"uri": f"s3://models/out/support-bot/{status['revision']}/", "name": "support-bot"}
+    assert status["modelRevision"] == status["revision"]
     jobs = children(kube, "jobs", "chat")
     assert [job["metadata"]["name"] for job in jobs] == [f"chat-{status['revision']}"]
     pod_spec = jobs[0]["spec"]["template"]["spec"]

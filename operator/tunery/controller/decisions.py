@@ -19,6 +19,8 @@ class Observation:
     pods: list[dict[str, Any]] = field(default_factory=list)
     job_warnings: list[dict[str, Any]] = field(default_factory=list)
     queued: bool = False
+    model: dict[str, str] | None = None
+    """Where this revision publishes its model ({uri, name}); it becomes status.model once the revision succeeds."""
 
 
 @dataclass(frozen=True)
@@ -34,18 +36,6 @@ class Verdict:
 WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "FailedCreate")
 # Reasons of a Job that has no running pods yet: worth looking again soon, since nothing else may wake us.
 STARTING = ("Creating", "Starting", "FailedCreate")
-
-# Fields the operator owns in the status; the trainer owns progress, metrics, checkpoints and model.
-OPERATOR_FIELDS = (
-    "phase",
-    "conditions",
-    "observedGeneration",
-    "revision",
-    "attempts",
-    "startTime",
-    "completionTime",
-    "failure",
-)
 
 
 def decide(observation: Observation) -> Verdict:
@@ -112,6 +102,10 @@ def operator_status(observation: Observation, previous: dict[str, Any], now: dat
         "completionTime": job_status.get("completionTime"),
         "failure": {"reason": verdict.reason, "message": verdict.message} if verdict.phase == "Failed" else None,
     }
+    # The served model changes only when a revision succeeds; until then the previous one stays in the status.
+    if verdict.phase == "Succeeded" and observation.model:
+        status["model"] = observation.model
+        status["modelRevision"] = observation.revision
     return status
 
 
@@ -132,7 +126,10 @@ def _condition(
 
 
 def changed_fields(wanted: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """The operator fields that differ from the stored status (a merge patch; None deletes)."""
+    """The operator's fields that differ from the stored status, as a merge patch (None deletes a field).
+
+    The trainer's fields (progress, metrics, checkpoints) are never named, so the patch cannot clobber them.
+    """
     return {key: value for key, value in wanted.items() if previous.get(key) != value}
 
 

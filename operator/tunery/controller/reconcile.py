@@ -95,8 +95,9 @@ class Reconciler:
         job = await self._api.get_job(target.namespace, target.job_name)
         pods = await self._api.list_pods(target.namespace, target.job_name)
         warnings = [] if pods or job is None else await self._api.list_job_warnings(target.namespace, target.job_name)
+        model = {"uri": target.output_prefix, "name": spec.output.name or target.name}
         return decisions.Observation(
-            generation, revision, job=job, pods=pods, job_warnings=warnings, queued=queue is not None
+            generation, revision, job=job, pods=pods, job_warnings=warnings, queued=queue is not None, model=model
         )
 
     def _policy_errors(self, body: dict[str, Any]) -> list[FieldError]:
