@@ -32,15 +32,16 @@ CRD_FILE = REPO_ROOT / "crds" / "tunery.dev_finetunejobs.yaml"
 class OperatorProcess:
     """`tunery operator` as a real process, watching one namespace; it can be killed and started again."""
 
-    def __init__(self, kube: Kube, log_path: Path) -> None:
+    def __init__(self, kube: Kube, log_path: Path, namespace: str = NAMESPACE, **settings: str) -> None:
         self._env = {
             **os.environ,
             "KUBECONFIG": str(kube.kubeconfig),
-            "TUNERY_NAMESPACES": NAMESPACE,
+            "TUNERY_NAMESPACES": namespace,
             "TUNERY_HEALTH_PORT": str(HEALTH_PORT),
             "TUNERY_METRICS_PORT": str(METRICS_PORT),
             "TUNERY_PENDING_RECHECK_SECONDS": "1",
             "TUNERY_TRAINER_IMAGE": "ghcr.io/tunery/trainer:e2e",
+            **settings,
         }
         self._log_path = log_path
         self._process: subprocess.Popen | None = None
@@ -82,25 +83,27 @@ def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
     process.stop()
 
 
-def manifest(example: str, name: str, **spec_changes) -> str:
+def manifest(example: str, name: str, namespace: str = NAMESPACE, **spec_changes) -> str:
     document = yaml.safe_load((REPO_ROOT / "examples" / example).read_text())
     document["metadata"] = {
         "name": name,
-        "namespace": NAMESPACE,
+        "namespace": namespace,
         **{k: v for k, v in document["metadata"].items() if k == "labels"},
     }
     document["spec"].update(spec_changes)
     return yaml.safe_dump(document)
 
 
-def get(kube: Kube, kind: str, name: str) -> dict:
-    return json.loads(kube.kubectl("get", kind, name, "-n", NAMESPACE, "-o", "json").stdout)
+def get(kube: Kube, kind: str, name: str, namespace: str = NAMESPACE) -> dict:
+    return json.loads(kube.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
 
 
-def wait_for(kube: Kube, operator: OperatorProcess, name: str, predicate, timeout: float = 90.0) -> dict:
+def wait_for(
+    kube: Kube, operator: OperatorProcess, name: str, predicate, timeout: float = 90.0, namespace: str = NAMESPACE
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        body = get(kube, "ftj", name)
+        body = get(kube, "ftj", name, namespace)
         if predicate(body.get("status") or {}):
             return body
         if time.monotonic() > deadline:
@@ -389,3 +392,36 @@ def test_liveness_endpoint_answers(kube: Kube, operator: OperatorProcess) -> Non
         except OSError:
             assert time.monotonic() < deadline, operator.log()
             time.sleep(0.5)
+
+
+def test_two_replicas_one_works_and_the_other_takes_over(kube: Kube, operator: OperatorProcess, tmp_path: Path) -> None:
+    kube.kubectl(
+        "apply", "--server-side", "-f", str(REPO_ROOT / "charts" / "tunery" / "crds" / "kopf.dev_peerings.yaml")
+    )
+    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    namespace = "operator-peering"
+    kube.kubectl("create", "namespace", namespace, check=False)
+    peering = {
+        "TUNERY_PEERING": "tunery",
+        "TUNERY_PEERING_LIFETIME_SECONDS": "5",
+        "TUNERY_METRICS_PORT": "0",
+        "TUNERY_HEALTH_PORT": "0",
+    }
+    leader = OperatorProcess(kube, tmp_path / "leader.log", namespace, TUNERY_PEERING_PRIORITY="200", **peering)
+    standby = OperatorProcess(kube, tmp_path / "standby.log", namespace, TUNERY_PEERING_PRIORITY="100", **peering)
+    leader.start()
+    standby.start()
+    try:
+        kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "first", namespace))
+        wait_for(kube, leader, "first", lambda status: status.get("phase") == "Succeeded", namespace=namespace)
+        deadline = time.monotonic() + 60
+        while "Pausing operations in favour of" not in standby.log():
+            assert time.monotonic() < deadline, standby.log()
+            time.sleep(0.5)
+        leader.kill()
+        kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "second", namespace))
+        wait_for(kube, standby, "second", lambda status: status.get("phase") == "Succeeded", namespace=namespace)
+        assert "Resuming operations after the pause" in standby.log()
+    finally:
+        standby.stop()
+        leader.stop()

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import secrets
 from typing import Any
 
 import kopf
@@ -80,10 +81,13 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
         settings.execution.max_workers = operator_settings.workers
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
+        settings.peering.lifetime = operator_settings.peering_lifetime_seconds
         metrics = OperatorMetrics()
         if operator_settings.metrics_port:
             metrics.serve(operator_settings.metrics_port)
         api = KubeApi(AsyncClient(field_manager=FIELD_MANAGER))
+        if operator_settings.peering:
+            await api.ensure_peering(operator_settings.peering, operator_settings.namespaces)
         reconciler = Reconciler(api, operator_settings, _post_event, metrics)
         reconcile["run"] = _ReconcileScheduler(reconciler, operator_settings.pending_recheck_seconds)
 
@@ -107,12 +111,20 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
 
 def run(operator_settings: OperatorSettings) -> None:
     """Run the operator until it is stopped."""
+    kopf.configure(log_format=kopf.LogFormat.PLAIN)
+    # lightkube's HTTP client logs every request at INFO; the operator's own log says what matters.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     liveness = f"http://0.0.0.0:{operator_settings.health_port}/healthz" if operator_settings.health_port else None
+    priority = operator_settings.peering_priority
+    if priority is None:
+        # Equal priorities make every Kopf replica freeze; distinct random ones elect the highest.
+        priority = secrets.randbelow(2**31)
     kopf.run(
         registry=build_registry(operator_settings),
         clusterwide=not operator_settings.namespaces,
         namespaces=operator_settings.namespaces,
         standalone=not operator_settings.peering,
         peering_name=operator_settings.peering or None,
+        priority=priority,
         liveness_endpoint=liveness,
     )

@@ -4,7 +4,7 @@ from typing import Any
 
 from lightkube import AsyncClient, codecs
 from lightkube.core.exceptions import ApiError
-from lightkube.generic_resource import create_namespaced_resource
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Event, Pod
 from lightkube.types import CascadeType, PatchType
@@ -13,6 +13,9 @@ from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
 from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL
 
 FineTuneJobResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
+# Registering Kopf's peering kinds lets codecs.from_dict build them for apply.
+create_namespaced_resource("kopf.dev", "v1", "KopfPeering", "kopfpeerings")
+create_global_resource("kopf.dev", "v1", "ClusterKopfPeering", "clusterkopfpeerings")
 
 
 class KubeApi:
@@ -27,6 +30,18 @@ class KubeApi:
     async def apply(self, manifest: dict[str, Any]) -> None:
         """Server-side apply under the operator's field manager; taking over fields is intended."""
         await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
+
+    async def ensure_peering(self, name: str, namespaces: list[str]) -> None:
+        """The peering objects replicas announce themselves in: one per watched namespace, or one for the cluster."""
+        if not namespaces:
+            await self.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}})
+        for namespace in namespaces:
+            peering = {
+                "apiVersion": "kopf.dev/v1",
+                "kind": "KopfPeering",
+                "metadata": {"name": name, "namespace": namespace},
+            }
+            await self.apply(peering)
 
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(Job, namespace, name)

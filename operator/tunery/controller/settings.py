@@ -22,7 +22,11 @@ class OperatorSettings(BaseSettings):
     pending_recheck_seconds: float = Field(15.0, gt=0)
     """How often a job whose pods have not started is looked at again (a Job that cannot create pods changes nothing watched)."""
     peering: str = ""
-    """Kopf peering name for running several replicas (one active); empty runs standalone."""
+    """Kopf peering name for running several replicas (the one of highest priority works); empty runs standalone."""
+    peering_priority: int | None = Field(None, ge=0)
+    """This replica's peering priority; empty picks a random one, so that replicas of one Deployment differ."""
+    peering_lifetime_seconds: int = Field(60, ge=1)
+    """How long a replica that stopped announcing itself is still counted (the takeover delay after a crash)."""
     metrics_port: int = Field(8080, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint; 0 disables it."""
     health_port: int = Field(8081, ge=0, le=65535)
