@@ -93,12 +93,7 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
         "kube-controller-manager",
         [
             str(bin_dir / "kube-controller-manager"),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={processes.free_port()}",
-            "--leader-elect=false",
+            *_component_flags(kubeconfig),
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
@@ -114,12 +109,7 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
         "kube-scheduler",
         [
             str(bin_dir / "kube-scheduler"),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={processes.free_port()}",
-            "--leader-elect=false",
+            *_component_flags(kubeconfig),
             "-v=1",
         ],
     )
@@ -148,6 +138,18 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
     )
     _wait_ready_nodes(state_dir, kubectl, kubeconfig)
     return {"KUBECONFIG": str(kubeconfig)}
+
+
+def _component_flags(kubeconfig: Path) -> list[str]:
+    """What the controller manager and the scheduler share: the admin kubeconfig, loopback, no leader election."""
+    return [
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={processes.free_port()}",
+        "--leader-elect=false",
+    ]
 
 
 def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: float = 90.0) -> None:
