@@ -37,13 +37,17 @@ def pod(
     }
 
 
+def status_of(observation: Observation, previous: dict, now: datetime) -> dict:
+    return operator_status(observation, decide(observation), previous, now)
+
+
 def observe(**fields) -> Observation:
     return Observation(generation=3, revision="1234abcd", **fields)
 
 
 def test_invalid_spec_fails_and_stalls_with_the_field_message() -> None:
     observation = observe(spec_errors=[FieldError("spec.resources.gpus", "qlora needs a GPU")])
-    status = operator_status(observation, {}, NOW)
+    status = status_of(observation, {}, NOW)
     assert status["phase"] == "Failed"
     assert status["failure"] == {"reason": "InvalidSpec", "message": "spec.resources.gpus: qlora needs a GPU"}
     conditions = {c["type"]: c for c in status["conditions"]}
@@ -63,7 +67,7 @@ def test_lifecycle_phases() -> None:
 
 
 def test_succeeded_is_ready_and_complete() -> None:
-    status = operator_status(observe(job=job(("Complete", "Completed", ""), succeeded=1)), {}, NOW)
+    status = status_of(observe(job=job(("Complete", "Completed", ""), succeeded=1)), {}, NOW)
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions == {
         "Validated": "True",
@@ -123,10 +127,10 @@ def test_image_pull_errors_are_named() -> None:
 
 
 def test_unchanged_status_patches_nothing_and_keeps_transition_times() -> None:
-    first = operator_status(observe(job=job(), pods=[pod("Running")]), {}, NOW)
-    second = operator_status(observe(job=job(), pods=[pod("Running")]), first, NOW + timedelta(minutes=5))
+    first = status_of(observe(job=job(), pods=[pod("Running")]), {}, NOW)
+    second = status_of(observe(job=job(), pods=[pod("Running")]), first, NOW + timedelta(minutes=5))
     assert changed_fields(second, first) == {}
-    finished = operator_status(observe(job=job(("Complete", "Completed", ""))), first, NOW + timedelta(minutes=9))
+    finished = status_of(observe(job=job(("Complete", "Completed", ""))), first, NOW + timedelta(minutes=9))
     times = {c["type"]: c["lastTransitionTime"] for c in finished["conditions"]}
     assert times["Validated"] == "2026-11-22T12:00:00Z" and times["Complete"] == "2026-11-22T12:09:00Z"
     assert set(changed_fields(finished, first)) == {"phase", "conditions"}
@@ -148,7 +152,7 @@ def test_pods_the_job_could_not_create() -> None:
 
 def test_the_model_changes_only_when_a_revision_succeeds() -> None:
     model = {"uri": "s3://models/out/chat/1234abcd/", "name": "chat"}
-    running = operator_status(observe(job=job(), pods=[pod("Running")], model=model), {}, NOW)
+    running = status_of(observe(job=job(), pods=[pod("Running")], model=model), {}, NOW)
     assert "model" not in running and "modelRevision" not in running
-    done = operator_status(observe(job=job(("Complete", "Completed", "")), model=model), running, NOW)
+    done = status_of(observe(job=job(("Complete", "Completed", "")), model=model), running, NOW)
     assert done["model"] == model and done["modelRevision"] == "1234abcd"

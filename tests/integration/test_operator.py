@@ -425,3 +425,22 @@ def test_two_replicas_one_works_and_the_other_takes_over(kube: Kube, operator: O
     finally:
         standby.stop()
         leader.stop()
+
+
+def test_a_new_revision_stops_the_running_one(kube: Kube, operator: OperatorProcess) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "replaced", resources=outcome("running")))
+    first = wait_for(kube, operator, "replaced", lambda status: status.get("phase") == "Running")["status"]["revision"]
+    changed = {"epochs": 1, "learningRate": 5.0e-5, "batchSize": 8}
+    kube.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=manifest("lora-sft-chat.yaml", "replaced", resources=outcome("running"), hyperparameters=changed),
+    )
+    body = wait_for(kube, operator, "replaced", lambda status: status.get("revision") not in (None, first))
+    deadline = time.monotonic() + 60
+    while [job["metadata"]["labels"]["tunery.dev/revision"] for job in children(kube, "jobs", "replaced")] != [
+        body["status"]["revision"]
+    ]:
+        assert time.monotonic() < deadline, "the superseded revision's Job is still there"
+        time.sleep(0.5)

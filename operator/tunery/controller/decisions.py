@@ -45,7 +45,7 @@ def decide(observation: Observation) -> Verdict:
     job = observation.job
     if job is None:
         return Verdict("Pending", "Creating", "creating the training Job")
-    finished = _job_condition(job, "Complete") or _job_condition(job, "Failed")
+    finished = finished_condition(job)
     if finished and finished["type"] == "Complete":
         return Verdict("Succeeded", "TrainingSucceeded", "training finished")
     if finished:
@@ -65,9 +65,10 @@ def decide(observation: Observation) -> Verdict:
     return Verdict("Pending", "Starting", "waiting for the training pods to start")
 
 
-def operator_status(observation: Observation, previous: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The operator-owned status fields; conditions keep their transition time while their status holds."""
-    verdict = decide(observation)
+def operator_status(
+    observation: Observation, verdict: Verdict, previous: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """The operator-owned status fields for `decide(observation)`; conditions keep their transition time while their status holds."""
     terminal = verdict.phase in ("Succeeded", "Failed")
     wanted = {
         "Ready": (verdict.phase == "Succeeded", verdict.reason),
@@ -131,6 +132,11 @@ def changed_fields(wanted: dict[str, Any], previous: dict[str, Any]) -> dict[str
     The trainer's fields (progress, metrics, checkpoints) are never named, so the patch cannot clobber them.
     """
     return {key: value for key, value in wanted.items() if previous.get(key) != value}
+
+
+def finished_condition(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The Job's Complete or Failed condition when it has finished, else None."""
+    return _job_condition(job, "Complete") or _job_condition(job, "Failed")
 
 
 def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:

@@ -47,12 +47,12 @@ class Reconciler:
         observation = await self._observe(body)
         previous = body.get("status") or {}
         now = datetime.now(UTC)
-        wanted = decisions.operator_status(observation, previous, now)
+        verdict = decisions.decide(observation)
+        wanted = decisions.operator_status(observation, verdict, previous, now)
         patch = decisions.changed_fields(wanted, previous)
         if patch:
             await self._api.patch_status(namespace, name, patch)
         self._record(body, wanted, previous.get("phase"), now)
-        verdict = decisions.decide(observation)
         if wanted["phase"] != previous.get("phase") or _reason(previous) != verdict.reason:
             self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
         return verdict
@@ -115,11 +115,7 @@ class Reconciler:
         """A new revision replaces the old one: its unfinished Job is stopped (its checkpoints stay in storage)."""
         for job in await self._api.list_jobs(target.namespace, target.name):
             stale = job["metadata"]["labels"].get(naming.REVISION_LABEL) != target.revision
-            finished = any(
-                condition["type"] in ("Complete", "Failed") and condition["status"] == "True"
-                for condition in job.get("status", {}).get("conditions", [])
-            )
-            if stale and not finished:
+            if stale and decisions.finished_condition(job) is None:
                 logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
 
