@@ -443,3 +443,25 @@ def test_a_new_revision_stops_the_running_one(kube: Kube, operator: OperatorProc
     ]:
         assert time.monotonic() < deadline, "the superseded revision's Job is still there"
         time.sleep(0.5)
+
+
+def test_an_operator_upgrade_to_another_trainer_image_leaves_running_revisions_alone(
+    kube: Kube, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "upgraded", suspend=True))
+    wait_for(kube, operator, "upgraded", lambda status: status.get("phase") == "Suspended")
+    operator.stop()
+    upgraded = OperatorProcess(kube, tmp_path / "upgraded.log", TUNERY_TRAINER_IMAGE="ghcr.io/tunery/trainer:next")
+    upgraded.start()
+    try:
+        kube.kubectl("patch", "ftj", "upgraded", "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+        wait_for(kube, upgraded, "upgraded", lambda status: status.get("phase") == "Succeeded")
+        [job] = children(kube, "jobs", "upgraded")
+        assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/tunery/trainer:e2e"
+        kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "fresh"))
+        wait_for(kube, upgraded, "fresh", lambda status: status.get("phase") == "Succeeded")
+        [fresh] = children(kube, "jobs", "fresh")
+        assert fresh["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/tunery/trainer:next"
+    finally:
+        upgraded.stop()
+        operator.start()

@@ -80,13 +80,15 @@ class Reconciler:
         spec = FineTuneJobSpec.model_validate(body["spec"])
         revision = naming.revision(spec)
         queue = (metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL)
+        job_name = naming.job_name(metadata["name"], revision)
+        existing = await self._api.get_job(metadata["namespace"], job_name)
         target = TrainingTarget(
             name=metadata["name"],
             namespace=metadata["namespace"],
             uid=metadata["uid"],
             spec=spec,
             revision=revision,
-            image=spec.image or self._settings.trainer_image,
+            image=_running_image(existing) or spec.image or self._settings.trainer_image,
             queue_name=queue,
         )
         for child in render_training_children(target):
@@ -118,6 +120,14 @@ class Reconciler:
             if stale and decisions.finished_condition(job) is None:
                 logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
+
+
+def _running_image(job: dict[str, Any] | None) -> str | None:
+    """A Job's pod template is immutable: a revision keeps the trainer image it started with, even after the
+    operator is upgraded to another default image."""
+    if job is None:
+        return None
+    return next(c["image"] for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer")
 
 
 def _timestamp(value: str) -> datetime:
