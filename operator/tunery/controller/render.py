@@ -7,6 +7,7 @@ from typing import Any
 from tunery.api import contract
 from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL
 from tunery.api.spec import FineTuneJobSpec
+from tunery.api.trainer_config import TrainerConfig
 from tunery.controller import naming
 
 
@@ -56,17 +57,17 @@ def _metadata(target: TrainingTarget, name: str, component: str, per_revision: b
     }
 
 
-def trainer_config(target: TrainingTarget) -> dict[str, Any]:
+def trainer_config(target: TrainingTarget) -> TrainerConfig:
     """The trainer's configuration: the defaulted spec plus where this revision writes. Never a secret."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "TrainerConfig",
-        "finetuneJob": {"name": target.name, "namespace": target.namespace, "uid": target.uid},
-        "revision": target.revision,
-        "outputUri": target.output_prefix,
-        "checkpointUri": f"{target.output_prefix}checkpoints/",
-        "spec": target.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
-    }
+    return TrainerConfig.model_validate(
+        {
+            "finetuneJob": {"name": target.name, "namespace": target.namespace, "uid": target.uid},
+            "revision": target.revision,
+            "outputUri": target.output_prefix,
+            "checkpointUri": f"{target.output_prefix}checkpoints/",
+            "spec": target.spec.model_dump(by_alias=True, mode="json", exclude_none=True),
+        }
+    )
 
 
 def render_config_map(target: TrainingTarget) -> dict[str, Any]:
@@ -74,7 +75,13 @@ def render_config_map(target: TrainingTarget) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(target, naming.config_map_name(target.name, target.revision), "trainer-config"),
-        "data": {contract.CONFIG_FILE: json.dumps(trainer_config(target), indent=2, sort_keys=True)},
+        "data": {
+            contract.CONFIG_FILE: json.dumps(
+                trainer_config(target).model_dump(by_alias=True, mode="json", exclude_none=True),
+                indent=2,
+                sort_keys=True,
+            )
+        },
     }
 
 
@@ -142,10 +149,10 @@ def _command(target: TrainingTarget) -> tuple[list[str], list[dict[str, Any]]]:
     config = f"--config={contract.CONFIG_DIR}/{contract.CONFIG_FILE}"
     resources = target.spec.resources
     if not target.distributed:
-        return ["tunery-trainer", config], []
+        return ["tunery-trainer", "train", config], []
     processes = f"--nproc-per-node={max(resources.gpus, 1)}"
     if resources.nodes == 1:
-        return ["torchrun", "--standalone", processes, "-m", "tunery_trainer", config], []
+        return ["torchrun", "--standalone", processes, "-m", "tunery_trainer", "train", config], []
     env = [
         {"name": "NNODES", "value": str(resources.nodes)},
         {"name": "MASTER_ADDR", "value": f"{target.job_name}-0.{target.job_name}"},
@@ -166,6 +173,7 @@ def _command(target: TrainingTarget) -> tuple[list[str], list[dict[str, Any]]]:
         "--master-port=$(MASTER_PORT)",
         "-m",
         "tunery_trainer",
+        "train",
         config,
     ]
     return command, env

@@ -1,0 +1,77 @@
+"""The trainer container's command line: `tunery-trainer check` reads the config, fetches the data and checks it."""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from tunery.api import contract
+from tunery.api.trainer_config import TrainerConfig
+from tunery_trainer import failures
+from tunery_trainer.data import DataError, prepare
+from tunery_trainer.storage import S3Settings, Storage, StorageError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tunery's trainer (the container entrypoint).")
+
+ConfigOption = Annotated[Path, typer.Option("--config", help="The trainer.json the operator renders.")]
+WorkdirOption = Annotated[
+    Path | None, typer.Option("--workdir", help="Scratch space for fetched data (default: a temporary directory).")
+]
+
+
+@app.callback()
+def main() -> None:
+    """Tunery's trainer."""
+
+
+@app.command()
+def check(config: ConfigOption, workdir: WorkdirOption = None) -> None:
+    """Fetch the dataset and check it before any model is loaded; print what would be trained on."""
+    try:
+        trainer_config = _load(config)
+        with tempfile.TemporaryDirectory(prefix="tunery-") as scratch:
+            report = _check_data(trainer_config, workdir or Path(scratch))
+    except (DataError, StorageError) as error:
+        _fail(error.reason, error.message, failures.exit_code(error))
+    typer.echo(json.dumps(report, indent=2))
+
+
+def _load(path: Path) -> TrainerConfig:
+    try:
+        return TrainerConfig.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        _fail("InvalidConfig", f"{path}: cannot read the trainer config: {exc}", contract.EXIT_INVALID_CONFIG)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        _fail("InvalidConfig", f"{path}: {problems}", contract.EXIT_INVALID_CONFIG)
+
+
+def _check_data(config: TrainerConfig, workdir: Path) -> dict:
+    spec = config.spec
+    storage = Storage(S3Settings(spec.storage.endpoint, spec.storage.region, spec.storage.addressing))
+    train_files = storage.fetch(spec.dataset.train, workdir / "data" / "train")
+    validation_files = (
+        storage.fetch(spec.dataset.validation, workdir / "data" / "validation") if spec.dataset.validation else []
+    )
+    prepared = prepare(spec.task, spec.dataset, train_files, validation_files, spec.hyperparameters.seed)
+    report = prepared.report
+    return {
+        "rowsRead": report.rows_read,
+        "trainExamples": report.train_rows,
+        "validationExamples": report.validation_rows,
+        "duplicatesDropped": report.duplicates,
+        "emptyRowsDropped": report.empty_rows,
+        "badRows": dict(report.bad_rows),
+        "firstProblems": report.first_problems,
+        "labels": report.labels,
+        "bytesDownloaded": storage.bytes_downloaded,
+    }
+
+
+def _fail(reason: str, message: str, code: int) -> None:
+    failures.write_termination_message(reason, message)
+    typer.echo(f"{reason}: {message}", err=True)
+    raise typer.Exit(code)
