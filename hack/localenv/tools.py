@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,9 +26,32 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").resolve() / "tunery" / "tools"
 
 
+def kubernetes_version() -> str:
+    """The pinned k8s.io/kubernetes version, which the binaries report (Helm checks a chart's kubeVersion by it)."""
+    match = re.search(r"^\s*k8s\.io/kubernetes (v\S+)", (TOOLS_DIR / "go.mod").read_text(), re.M)
+    assert match, "hack/tools/go.mod must require k8s.io/kubernetes"
+    return match.group(1)
+
+
+def _ldflags(module: str) -> str:
+    if module != ".":
+        return "-s -w"
+    version = kubernetes_version()
+    major, minor = version.lstrip("v").split(".")[:2]
+    stamps = {"gitVersion": version, "gitMajor": major, "gitMinor": minor, "gitTreeState": "clean"}
+    # Without these stamps a module build reports v0.0.0-master, as kubectl version and the API server show.
+    flags = [
+        f"-X k8s.io/{package}/version.{key}={value}"
+        for package in ("component-base", "client-go/pkg")
+        for key, value in stamps.items()
+    ]
+    return " ".join(["-s", "-w", *flags])
+
+
 def bin_dir() -> Path:
     """Where the binaries for the pinned versions live: keyed by a hash of every go.mod, go.sum and source file."""
     digest = hashlib.sha256()
+    digest.update(_ldflags(".").encode())
     for path in sorted(TOOLS_DIR.rglob("*")):
         if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
             digest.update(str(path.relative_to(TOOLS_DIR)).encode())
@@ -51,7 +75,7 @@ def ensure_built(log=print) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as staging:
             env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
             subprocess.run(
-                ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", staging + "/", *packages],
+                ["go", "build", "-trimpath", f"-ldflags={_ldflags(module)}", "-o", staging + "/", *packages],
                 cwd=TOOLS_DIR / module,
                 env=env,
                 check=True,

@@ -1,0 +1,44 @@
+{{- define "tunery.name" -}}tunery-operator{{- end -}}
+
+{{- define "tunery.labels" -}}
+app.kubernetes.io/name: tunery
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/part-of: tunery
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+
+{{- define "tunery.selector" -}}
+app.kubernetes.io/name: tunery
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* The operator's rules: what it reads, the children it applies, the trainer identity it grants. */}}
+{{- define "tunery.rules" -}}
+- apiGroups: [tunery.dev]
+  resources: [finetunejobs]
+  verbs: [get, list, watch]
+- apiGroups: [tunery.dev]
+  resources: [finetunejobs/status]
+  verbs: [get, patch]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [configmaps, services, serviceaccounts]
+  verbs: [get, create, patch]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list, create, patch]
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, create, patch]
+{{- end -}}
