@@ -103,7 +103,11 @@ def ensure_prometheus(log=print) -> Path:
     log("local-env: fetching Debian's prometheus package")
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as staging:
-        subprocess.run(["apt-get", "download", "prometheus"], cwd=staging, check=True, capture_output=True)
+        download = ["apt-get", "download", "prometheus"]
+        if subprocess.run(download, cwd=staging, capture_output=True).returncode != 0:
+            # A fresh machine may have no package lists yet; refreshing them needs root.
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+            subprocess.run(download, cwd=staging, check=True, capture_output=True)
         [package] = Path(staging).glob("prometheus_*.deb")
         subprocess.run(["dpkg-deb", "-x", str(package), str(Path(staging) / "root")], check=True)
         for name in DEBIAN_BINARIES:
