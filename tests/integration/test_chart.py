@@ -58,6 +58,13 @@ def test_lint_strict(kube: Kube) -> None:
     helm(kube, "lint", "--strict", str(CHART))
 
 
+def test_values_schema_rejects_bad_values(kube: Kube) -> None:
+    command = [str(tools.bin_dir() / "helm"), "template", "tunery", str(CHART), "--kube-version", "1.34.4"]
+    for bad in (["--set", "replicas=0"], ["--set", "watchNamespaces={Team_A}"], ["--set", "imagee.tag=x"]):
+        result = subprocess.run([*command, *bad], capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and "schema" in result.stderr.lower(), (bad, result.stderr)
+
+
 def test_template_is_accepted_by_the_api_server(kube: Kube) -> None:
     for namespace in (RELEASE_NAMESPACE, "a", "b"):
         kube.kubectl("create", "namespace", namespace, check=False)
