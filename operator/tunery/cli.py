@@ -65,6 +65,7 @@ def crd(
 @app.command()
 def operator() -> None:
     """Run the FineTuneJob operator (settings from TUNERY_* environment variables; see docs/operator.md)."""
+    # Imported here so that `tunery validate` does not pay for loading Kopf and the HTTP client.
     from tunery.controller.handlers import run
     from tunery.controller.settings import OperatorSettings
 
