@@ -60,13 +60,13 @@ def _check_data(config: TrainerConfig, workdir: Path) -> dict:
     report = prepared.report
     return {
         "rowsRead": report.rows_read,
-        "trainExamples": report.train_rows,
-        "validationExamples": report.validation_rows,
+        "trainExamples": len(prepared.train),
+        "validationExamples": len(prepared.validation),
         "duplicatesDropped": report.duplicates,
         "emptyRowsDropped": report.empty_rows,
         "badRows": dict(report.bad_rows),
         "firstProblems": report.first_problems,
-        "labels": report.labels,
+        "labels": prepared.label_names,
         "bytesDownloaded": storage.bytes_downloaded,
     }
 

@@ -44,9 +44,6 @@ class DataReport:
     bad_rows: Counter = field(default_factory=Counter)
     empty_rows: int = 0
     duplicates: int = 0
-    train_rows: int = 0
-    validation_rows: int = 0
-    labels: list[str] = field(default_factory=list)
     first_problems: list[str] = field(default_factory=list)
 
     def note(self, problem: str, where: str) -> None:
@@ -80,9 +77,7 @@ def prepare(
         held_out = max(1, int(len(train) * dataset.validation_split))
         validation = [train[index] for index in order[:held_out]]
         train = [train[index] for index in order[held_out:]]
-    labels = _label_names(task, train, validation)
-    report.train_rows, report.validation_rows, report.labels = len(train), len(validation), labels
-    return PreparedData(train, validation, report, labels)
+    return PreparedData(train, validation, report, _label_names(task, train, validation))
 
 
 def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataReport) -> list[dict[str, Any]]:

@@ -93,19 +93,11 @@ class Storage:
             return self._fetch_local(location, destination)
         with self._explained(location):
             if not location.is_prefix:
-                target = destination / Path(location.key).name
-                self.client.download_file(location.bucket, location.key, str(target), Config=_TRANSFER)
-                self.bytes_downloaded += target.stat().st_size
-                return [target]
-            keys = self._list(location)
-            files = []
-            for key in keys:
-                target = destination / key[len(location.key) :]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(location.bucket, key, str(target), Config=_TRANSFER)
-                self.bytes_downloaded += target.stat().st_size
-                files.append(target)
-            return files
+                return [self._download(location.bucket, location.key, destination / Path(location.key).name)]
+            return [
+                self._download(location.bucket, key, destination / key[len(location.key) :])
+                for key in self._list(location)
+            ]
 
     def fetch_published(self, uri: str, destination: Path) -> list[Path]:
         """Fetch a published directory, refusing one without a manifest or whose files do not match it."""
@@ -164,6 +156,12 @@ class Storage:
                 Bucket=location.bucket, Key=location.key + MANIFEST_NAME, Body=json.dumps(manifest, indent=2).encode()
             )
         return manifest
+
+    def _download(self, bucket: str | None, key: str, target: Path) -> Path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(bucket, key, str(target), Config=_TRANSFER)
+        self.bytes_downloaded += target.stat().st_size
+        return target
 
     def _list(self, location: Location) -> list[str]:
         paginator = self.client.get_paginator("list_objects_v2")

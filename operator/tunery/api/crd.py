@@ -63,7 +63,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         }
         if len(variants) == 1:
             return _structural({**variants[0], **rest}, defs)
-        # A field of several shapes (a string or a list) is checked by its CEL rule and by pydantic.
+        # A field of several shapes (a string or a list): only pydantic can check it (see fields.TargetModules).
         return {**_structural(rest, defs), "x-kubernetes-preserve-unknown-fields": True}
     result: dict[str, Any] = {}
     for key, value in node.items():

@@ -103,7 +103,7 @@ class FineTuneJobStatus(ApiModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     """Latest training and evaluation metrics (trainLoss, evalLoss, learningRate, ...)."""
     revision: str = Field("", max_length=64)
-    """The training revision the current Job runs: a hash of the training-relevant spec (serving and suspend excluded)."""
+    """The training revision the current Job runs: a hash of the spec without serving, suspend and the retry limits."""
     attempts: int = Field(0, ge=0)
     """Training attempts started, including retries."""
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100)

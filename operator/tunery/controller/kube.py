@@ -27,9 +27,10 @@ class KubeApi:
     async def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(FineTuneJobResource, namespace, name)
 
-    async def apply(self, manifest: dict[str, Any]) -> None:
-        """Server-side apply under the operator's field manager; taking over fields is intended."""
-        await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply under the operator's field manager (taking over fields is intended); the object as stored."""
+        applied = await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
+        return applied.to_dict()
 
     async def ensure_peering(self, name: str, namespaces: list[str]) -> None:
         """The peering objects replicas announce themselves in: one per watched namespace, or one for the cluster."""

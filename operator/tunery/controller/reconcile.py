@@ -91,10 +91,9 @@ class Reconciler:
             image=_running_image(existing) or spec.image or self._settings.trainer_image,
             queue_name=queue,
         )
-        for child in render_training_children(target):
-            await self._api.apply(child)
+        applied = [await self._api.apply(child) for child in render_training_children(target)]
+        job = next(child for child in applied if child["kind"] == "Job")
         await self._stop_stale_revisions(target)
-        job = await self._api.get_job(target.namespace, target.job_name)
         pods = await self._api.list_pods(target.namespace, target.job_name)
         warnings = [] if pods or job is None else await self._api.list_job_warnings(target.namespace, target.job_name)
         model = {"uri": target.output_prefix, "name": spec.output.name or target.name}
