@@ -1,9 +1,10 @@
-"""The `tunery` command line: validate manifests and print the CRD (training and serving join later)."""
+"""The `tunery` command line: validate manifests, train one on this machine, print the CRD, run the operator."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 
 from tunery.api.crd import render_crd_yaml
@@ -48,6 +49,45 @@ def validate(
             for error in errors:
                 out.print(f"    {error.path}: {error.message}", markup=False)
     raise typer.Exit(EXIT_UNREADABLE if unreadable else EXIT_INVALID if invalid else EXIT_VALID)
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="A FineTuneJob manifest; ${VAR} is replaced from the environment.")],
+    processes: Annotated[
+        int, typer.Option("--processes", "-n", min=1, help="Training processes (torchrun; gloo on CPU).")
+    ] = 1,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Scratch space (default: a temporary one).")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve Prometheus metrics here.")] = None,
+) -> None:
+    """Train a FineTuneJob on this machine, no cluster needed; print progress and where the model is."""
+    # Imported here: the operator image has no trainer, and validate should not pay for it.
+    from tunery.local_run import LocalRunError, expand_variables, local_config, train_locally
+
+    out = Console(highlight=False, soft_wrap=True, stderr=True)
+    try:
+        text = expand_variables(file.read_text(encoding="utf-8"))
+        documents = [document for document in yaml.safe_load_all(text) if document]
+        if len(documents) != 1:
+            raise LocalRunError([f"{file}: holds {len(documents)} documents; tunery run takes one FineTuneJob"])
+        config = local_config(documents[0])
+    except OSError as exc:
+        out.print(f"[red]✗[/red] {file}: cannot read: {exc}")
+        raise typer.Exit(EXIT_UNREADABLE) from exc
+    except yaml.YAMLError as exc:
+        out.print(f"[red]✗[/red] {file}: not valid YAML: {exc}")
+        raise typer.Exit(EXIT_UNREADABLE) from exc
+    except LocalRunError as exc:
+        out.print(f"[red]✗[/red] {file}: cannot run")
+        for problem in exc.problems:
+            out.print(f"    {problem}", markup=False)
+        raise typer.Exit(EXIT_INVALID) from exc
+    out.print(f"training {config.finetune_job.name} (revision {config.revision}) → {config.output_uri}")
+    code = train_locally(config, processes, workdir, metrics_port)
+    if code != 0:
+        out.print(f"[red]✗[/red] training failed (exit code {code}); the reason is printed above")
+        raise typer.Exit(code)
+    out.print(f"[green]✓[/green] model published at {config.output_uri}")
 
 
 @app.command()

@@ -1,6 +1,8 @@
-"""The trainer container's command line: `tunery-trainer check` reads the config, fetches the data and checks it."""
+"""The trainer container's command line: `train` (the image's command) and `check` (the data checks alone)."""
 
 import json
+import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +14,7 @@ from tunery.api import contract
 from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import failures
 from tunery_trainer.data import DataError, prepare
+from tunery_trainer.failures import UnsupportedError
 from tunery_trainer.storage import S3Settings, Storage, StorageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tunery's trainer (the container entrypoint).")
@@ -25,6 +28,42 @@ WorkdirOption = Annotated[
 @app.callback()
 def main() -> None:
     """Tunery's trainer."""
+
+
+@app.command()
+def train(
+    config: ConfigOption,
+    workdir: WorkdirOption = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", envvar="TUNERY_METRICS_PORT", help="Serve Prometheus metrics here.")
+    ] = None,
+    log_every: Annotated[int, typer.Option("--log-every", help="Log a JSON line every N steps.")] = 10,
+) -> None:
+    """Train the configured revision (resuming from its latest checkpoint) and publish the model."""
+    # Imported here: `check` and `--help` should not pay for loading torch and transformers.
+    from tunery_trainer.job import run
+    from tunery_trainer.metrics import TrainerMetrics
+    from tunery_trainer.progress import ProgressReporter, StatusEndpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trainer_config = _load(config)
+    job = trainer_config.finetune_job
+    main_process = os.environ.get("RANK", "0") == "0"
+    metrics = TrainerMetrics(job.namespace, job.name) if main_process and metrics_port is not None else None
+    if metrics is not None:
+        metrics.serve(metrics_port)
+    status = (
+        ProgressReporter(StatusEndpoint.in_cluster(job.namespace, job.name))
+        if main_process and "KUBERNETES_SERVICE_HOST" in os.environ
+        else None
+    )
+    scratch = workdir or Path(tempfile.gettempdir()) / f"tunery-{trainer_config.revision}"
+    try:
+        outcome = run(trainer_config, scratch, metrics, status, log_every)
+    except (DataError, StorageError, UnsupportedError) as error:
+        _fail(error.reason, error.message, failures.exit_code(error))
+    if main_process:
+        typer.echo(json.dumps({"model": outcome.output_uri, "step": outcome.progress.step}))
 
 
 @app.command()

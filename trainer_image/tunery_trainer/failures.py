@@ -13,9 +13,21 @@ _RETRYABLE_STORAGE = {"StorageUnreachable"}
 EXIT_RETRYABLE = 1
 
 
-def exit_code(error: DataError | StorageError) -> int:
+class UnsupportedError(Exception):
+    """The spec asks for something this machine or model cannot do; reported as reason Unsupported."""
+
+    reason = "Unsupported"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def exit_code(error: DataError | StorageError | UnsupportedError) -> int:
     if isinstance(error, DataError):
         return contract.EXIT_DATA_ERROR
+    if isinstance(error, UnsupportedError):
+        return contract.EXIT_UNSUPPORTED
     return EXIT_RETRYABLE if error.reason in _RETRYABLE_STORAGE else contract.EXIT_STORAGE_ERROR
 
 

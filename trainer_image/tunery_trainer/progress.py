@@ -64,7 +64,7 @@ def send_apply(endpoint: StatusEndpoint, body: dict[str, Any]) -> None:
 
 
 class ProgressReporter:
-    """Reports step, epoch, ETA and metrics at most every `min_interval_s`, and always when told it is final.
+    """Reports step, epoch, ETA, metrics and checkpoints at most every `min_interval_s`, and always when told it is final.
 
     Reporting never stops training: a failed report is logged and the next one tries again.
     """
@@ -83,7 +83,15 @@ class ProgressReporter:
         self._last_sent: float | None = None
         self._first: tuple[float, int] | None = None
 
-    def report(self, step: int, total_steps: int, epoch: float, metrics: dict[str, float], final: bool = False) -> bool:
+    def report(
+        self,
+        step: int,
+        total_steps: int,
+        epoch: float,
+        metrics: dict[str, float],
+        final: bool = False,
+        checkpoints: list[dict[str, Any]] | None = None,
+    ) -> bool:
         now = self._clock()
         if self._first is None:
             self._first = (now, step)
@@ -99,6 +107,8 @@ class ProgressReporter:
                 "metrics": {key: value for key, value in metrics.items() if math.isfinite(value)},
             },
         }
+        if checkpoints:
+            body["status"]["checkpoints"] = checkpoints
         try:
             self._send(self._endpoint, body)
         except (urllib.error.URLError, OSError) as exc:

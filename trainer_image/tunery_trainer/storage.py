@@ -100,19 +100,60 @@ class Storage:
             ]
 
     def fetch_published(self, uri: str, destination: Path) -> list[Path]:
-        """Fetch a published directory, refusing one without a manifest or whose files do not match it."""
-        manifest = self.read_manifest(uri)
+        """Fetch the files a published directory's manifest lists, refusing a directory without one or a mismatch."""
+        prefix = _as_prefix(uri)
+        manifest = self.read_manifest(prefix)
         if manifest is None:
             raise StorageError(
                 "ModelIncomplete",
-                f"{uri} has no {MANIFEST_NAME}: the upload was interrupted or never finished; publish it again",
+                f"{prefix} has no {MANIFEST_NAME}: the upload was interrupted or never finished; publish it again",
             )
-        files = self.fetch(uri, destination)
-        for entry in manifest["files"]:
-            path = destination / entry["path"]
-            if not path.is_file() or _sha256(path) != entry["sha256"]:
-                raise StorageError("ModelIncomplete", f"{uri}{entry['path']} is missing or differs from the manifest")
-        return [path for path in files if path.name != MANIFEST_NAME]
+        location = Location.parse(prefix)
+        files = []
+        with self._explained(location):
+            for entry in manifest["files"]:
+                target = destination / entry["path"]
+                if location.local is not None:
+                    source = location.local / entry["path"]
+                    if source.is_file():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(source, target)
+                else:
+                    self._download(location.bucket, location.key + entry["path"], target)
+                if not target.is_file() or _sha256(target) != entry["sha256"]:
+                    raise StorageError(
+                        "ModelIncomplete", f"{prefix}{entry['path']} is missing or differs from the manifest"
+                    )
+                files.append(target)
+        return files
+
+    def children(self, uri: str) -> list[str]:
+        """The URIs of the 'directories' directly under a prefix, sorted; none when the prefix does not exist."""
+        location = Location.parse(_as_prefix(uri))
+        if location.local is not None:
+            if not location.local.is_dir():
+                return []
+            return sorted(f"{location.uri}{path.name}/" for path in location.local.iterdir() if path.is_dir())
+        with self._explained(location):
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=location.bucket, Prefix=location.key, Delimiter="/")
+            keys = [common["Prefix"] for page in pages for common in page.get("CommonPrefixes", [])]
+        return sorted(f"s3://{location.bucket}/{key}" for key in keys)
+
+    def delete(self, uri: str) -> None:
+        """Remove a published directory, its manifest first so that it never looks complete while half deleted."""
+        location = Location.parse(_as_prefix(uri))
+        if location.local is not None:
+            (location.local / MANIFEST_NAME).unlink(missing_ok=True)
+            shutil.rmtree(location.local, ignore_errors=True)
+            return
+        with self._explained(location):
+            self.client.delete_object(Bucket=location.bucket, Key=location.key + MANIFEST_NAME)
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
+                objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if objects:
+                    self.client.delete_objects(Bucket=location.bucket, Delete={"Objects": objects, "Quiet": True})
 
     def read_manifest(self, uri: str) -> dict[str, Any] | None:
         """The manifest of a published directory, or None when it has none (yet)."""

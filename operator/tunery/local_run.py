@@ -1,0 +1,78 @@
+"""`tunery run`: train a FineTuneJob manifest on this machine with the trainer config the operator would render."""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunery.api.spec import FineTuneJobSpec
+from tunery.api.trainer_config import TrainerConfig
+from tunery.api.validation import FieldError, validate_manifest
+from tunery.controller.naming import revision
+from tunery.controller.render import TrainingTarget, trainer_config
+
+LOCAL_NAMESPACE = "local"
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class LocalRunError(Exception):
+    """The manifest cannot be run: each problem names the field (or variable) and the fix."""
+
+    problems: list[str]
+
+
+def expand_variables(text: str) -> str:
+    """Replace ${NAME} with the environment's value, so one manifest works from any checkout (file:// paths)."""
+    missing = sorted({name for name in _VARIABLE.findall(text) if name not in os.environ})
+    if missing:
+        raise LocalRunError(
+            [f"${{{name}}}: not set in the environment; export it or write the value" for name in missing]
+        )
+    return _VARIABLE.sub(lambda match: os.environ[match.group(1)], text)
+
+
+def local_config(manifest: Any) -> TrainerConfig:
+    """The trainer config for a manifest, exactly as the operator renders it (same revision, same output prefix)."""
+    errors: list[FieldError] = validate_manifest(manifest)
+    if errors:
+        raise LocalRunError([f"{error.path}: {error.message}" for error in errors])
+    spec = FineTuneJobSpec.model_validate(manifest["spec"])
+    metadata = manifest.get("metadata", {})
+    target = TrainingTarget(
+        name=metadata["name"],
+        namespace=metadata.get("namespace", LOCAL_NAMESPACE),
+        uid="local",
+        spec=spec,
+        revision=revision(spec),
+        image="",
+    )
+    return trainer_config(target)
+
+
+def train_locally(config: TrainerConfig, processes: int, workdir: Path | None, metrics_port: int | None) -> int:
+    """Run `tunery-trainer train` on the config (under torchrun for several processes); return its exit code."""
+    with tempfile.TemporaryDirectory(prefix="tunery-run-") as scratch:
+        config_file = Path(scratch) / "trainer.json"
+        config_file.write_text(config.model_dump_json(by_alias=True, exclude_none=True))
+        trainer = ["train", f"--config={config_file}", f"--workdir={workdir or Path(scratch) / 'work'}"]
+        if metrics_port is not None:
+            trainer.append(f"--metrics-port={metrics_port}")
+        if processes > 1:
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={processes}",
+                "-m",
+                "tunery_trainer",
+                *trainer,
+            ]
+        else:
+            command = [sys.executable, "-m", "tunery_trainer", *trainer]
+        return subprocess.call(command)

@@ -1,0 +1,80 @@
+"""Run the model over the validation sequences and compute the metrics the spec asks for."""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from tunery.api.spec import Task
+from tunery_trainer.evaluation import classification_metrics, entity_metrics
+from tunery_trainer.tokenization import IGNORE_INDEX
+
+Batch = dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    task: Task,
+    validation: Sequence[dict[str, Any]],
+    collate: Callable[[Sequence[dict[str, Any]]], Batch],
+    batch_size: int,
+    device: torch.device,
+    label_names: Sequence[str],
+    autocast: Callable[[], Any],
+) -> dict[str, float]:
+    """Loss (token-weighted), perplexity for language models, accuracy/precision/recall/F1 for classifiers."""
+    was_training = model.training
+    model.eval()
+    # Masked-LM masking draws random numbers: the same positions every evaluation make the losses comparable.
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    total_loss, total_weight = 0.0, 0
+    predictions: list[Any] = []
+    references: list[Any] = []
+    for start in range(0, len(validation), batch_size):
+        batch = {key: value.to(device) for key, value in collate(validation[start : start + batch_size]).items()}
+        with autocast():
+            output = model(**batch)
+        weight = _loss_weight(task, batch["labels"])
+        total_loss += float(output.loss) * weight
+        total_weight += weight
+        if task == "sequence-classification":
+            predictions += output.logits.argmax(-1).tolist()
+            references += batch["labels"].tolist()
+        elif task == "token-classification":
+            _collect_tags(output.logits.argmax(-1), batch["labels"], label_names, predictions, references)
+    torch.random.set_rng_state(generator_state)
+    model.train(was_training)
+    loss = total_loss / max(total_weight, 1)
+    metrics = {"loss": loss}
+    if task in ("causal-lm", "masked-lm"):
+        metrics["perplexity"] = math.exp(min(loss, 50.0))
+    elif task == "sequence-classification":
+        metrics |= classification_metrics(predictions, references, len(label_names))
+    else:
+        metrics |= entity_metrics(predictions, references)
+    return metrics
+
+
+def _loss_weight(task: Task, labels: torch.Tensor) -> int:
+    if task == "sequence-classification":
+        return labels.shape[0]
+    # Causal models shift labels by one: the first position never carries a loss.
+    counted = labels[:, 1:] if task == "causal-lm" else labels
+    return int((counted != IGNORE_INDEX).sum())
+
+
+def _collect_tags(
+    predicted: torch.Tensor,
+    labels: torch.Tensor,
+    label_names: Sequence[str],
+    predictions: list[list[str]],
+    references: list[list[str]],
+) -> None:
+    """Tags of the first sub-token of each word (the positions that carry a label)."""
+    for predicted_row, label_row in zip(predicted.tolist(), labels.tolist(), strict=True):
+        keep = [index for index, label in enumerate(label_row) if label != IGNORE_INDEX]
+        predictions.append([label_names[predicted_row[index]] for index in keep])
+        references.append([label_names[label_row[index]] for index in keep])

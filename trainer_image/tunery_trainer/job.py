@@ -1,0 +1,219 @@
+"""One training run, from trainer config to published model: fetch, check, tokenise, train with checkpoints, publish."""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_distributed
+
+from tunery.api.spec import FineTuneJobSpec
+from tunery.api.trainer_config import TrainerConfig
+from tunery_trainer import checkpoints
+from tunery_trainer.checkpoints import Progress
+from tunery_trainer.data import DataError, PreparedData, prepare
+from tunery_trainer.metrics import TrainerMetrics
+from tunery_trainer.modeling import load_model, load_tokenizer
+from tunery_trainer.progress import ProgressReporter
+from tunery_trainer.publishing import publish_model
+from tunery_trainer.reporting import Reporter
+from tunery_trainer.storage import S3Settings, Storage, StorageError
+from tunery_trainer.tokenization import TokenizedData, pack, tokenize
+from tunery_trainer.training import Distributed, Hooks, train
+
+logger = logging.getLogger("tunery_trainer")
+
+# Prompt and prefix tuning prepend virtual tokens, which PEFT does not combine with per-document positions.
+_UNPACKABLE_METHODS = ("prompt-tuning", "prefix-tuning")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished run produced."""
+
+    output_uri: str
+    manifest: dict[str, Any]
+    progress: Progress
+
+
+def start_distributed() -> Distributed:
+    """Join the torchrun group when there is one (gloo on CPU, NCCL on GPUs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not torch_distributed.is_initialized():
+        torch_distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=rank, world_size=world_size, device=device)
+
+
+def run(
+    config: TrainerConfig,
+    workdir: Path,
+    metrics: TrainerMetrics | None = None,
+    status: ProgressReporter | None = None,
+    log_every: int = 10,
+) -> Outcome:
+    """Train the configured revision, resuming from its latest complete checkpoint, and publish the model."""
+    spec = config.spec
+    distributed = start_distributed()
+    storage = Storage(S3Settings(spec.storage.endpoint, spec.storage.region, spec.storage.addressing))
+    fetch_started = time.perf_counter()
+    prepared = _fetch_and_prepare(config, storage, workdir)
+    model_dir, tokenizer_dir = _fetch_model(spec, storage, workdir)
+    tokenizer = load_tokenizer(spec, model_dir, tokenizer_dir, _texts(prepared))
+    tokenized = _tokenized(spec, tokenizer, prepared)
+    if metrics is not None:
+        metrics.observe_data_loading(time.perf_counter() - fetch_started)
+        metrics.add_s3_bytes("download", storage.bytes_downloaded)
+    logger.info(
+        "data: %d training and %d validation sequences from %d rows (%d duplicates, %d empty, %d bad, %d truncated)",
+        len(tokenized.train),
+        len(tokenized.validation),
+        prepared.report.rows_read,
+        prepared.report.duplicates,
+        prepared.report.empty_rows,
+        sum(prepared.report.bad_rows.values()),
+        tokenized.truncated,
+    )
+    torch.manual_seed(spec.hyperparameters.seed)
+    model = load_model(spec, model_dir, tokenizer, prepared.label_names, distributed.device)
+
+    progress, resume = Progress(config_hash=config.revision), None
+    latest = checkpoints.latest(storage, config.checkpoint_uri, config.revision)
+    if latest is not None:
+        progress, weights, training_state = checkpoints.load(storage, latest, workdir / f"rank-{distributed.rank}")
+        resume = (weights, training_state)
+        logger.info("resuming from %s at step %d", latest, progress.step)
+
+    reporter = Reporter(metrics, status, log_every, terminal=None if distributed.is_main else False)
+
+    def save_checkpoint(current: Progress, trainable: dict[str, torch.Tensor], training_state: dict) -> None:
+        started = time.perf_counter()
+        uploaded = storage.bytes_uploaded
+        uri = checkpoints.save(
+            storage, config.checkpoint_uri, workdir, current, trainable, training_state, spec.checkpoints.keep
+        )
+        reporter.checkpointed(current, uri, time.perf_counter() - started, spec.checkpoints.keep)
+        if metrics is not None:
+            metrics.add_s3_bytes("upload", storage.bytes_uploaded - uploaded)
+
+    hooks = (
+        Hooks(on_step=reporter.step, on_eval=reporter.evaluated, save_checkpoint=save_checkpoint)
+        if distributed.is_main
+        else Hooks()
+    )
+    progress = train(spec, model, tokenizer, tokenized, prepared.label_names, distributed, progress, resume, hooks)
+    manifest: dict[str, Any] = {}
+    if distributed.is_main:
+        uploaded = storage.bytes_uploaded
+        manifest = publish_model(
+            config,
+            storage,
+            model,
+            tokenizer,
+            model_dir,
+            progress,
+            _data_stats(prepared, tokenized),
+            prepared.label_names,
+            workdir,
+        )
+        if metrics is not None:
+            metrics.add_s3_bytes("upload", storage.bytes_uploaded - uploaded)
+        reporter.finish(progress, progress.step)
+        logger.info("published the model to %s", config.output_uri)
+    distributed.barrier()
+    if torch_distributed.is_initialized():
+        torch_distributed.destroy_process_group()
+    return Outcome(config.output_uri, manifest, progress)
+
+
+def _fetch_and_prepare(config: TrainerConfig, storage: Storage, workdir: Path) -> PreparedData:
+    spec = config.spec
+    data_dir = workdir / "data"
+    # Every process on a node fetches into its own directory: simple, and the data is small next to the model.
+    rank_dir = data_dir / f"rank-{os.environ.get('LOCAL_RANK', '0')}"
+    train_files = storage.fetch(spec.dataset.train, rank_dir / "train")
+    validation_files = (
+        storage.fetch(spec.dataset.validation, rank_dir / "validation") if spec.dataset.validation else []
+    )
+    return prepare(spec.task, spec.dataset, train_files, validation_files, spec.hyperparameters.seed)
+
+
+def _fetch_model(spec: FineTuneJobSpec, storage: Storage, workdir: Path) -> tuple[Path | None, Path | None]:
+    """Local directories for the base model and the tokenizer override (None when built from scratch)."""
+    rank = os.environ.get("LOCAL_RANK", "0")
+    model_dir = _fetch_directory(spec.base_model.uri, storage, workdir / f"base-model-{rank}")
+    tokenizer_uri = spec.base_model.tokenizer.uri if spec.base_model.tokenizer else None
+    tokenizer_dir = _fetch_directory(tokenizer_uri, storage, workdir / f"tokenizer-{rank}")
+    return model_dir, tokenizer_dir
+
+
+def _fetch_directory(uri: str | None, storage: Storage, target: Path) -> Path | None:
+    if uri is None:
+        return None
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        name, _, revision = uri.removeprefix("hf://").partition("@")
+        try:
+            return Path(snapshot_download(name, revision=revision or None))
+        except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user
+            raise StorageError(
+                "ObjectMissing", f"{uri}: cannot download from the Hugging Face Hub ({exc}): copy it to S3 instead"
+            ) from exc
+    storage.fetch(uri if uri.endswith("/") else uri + "/", target)
+    return target
+
+
+def _texts(prepared: PreparedData) -> list[str]:
+    """The training text, for training a tokenizer from scratch."""
+    texts = []
+    for example in prepared.train:
+        if "text" in example:
+            texts.append(example["text"])
+        elif "prompt" in example:
+            texts += [example["prompt"], example["completion"]]
+        elif "messages" in example:
+            texts += [turn["content"] for turn in example["messages"]]
+        else:
+            texts.append(" ".join(example["tokens"]))
+    return texts
+
+
+def _tokenized(spec: FineTuneJobSpec, tokenizer: Any, prepared: PreparedData) -> TokenizedData:
+    dataset = spec.dataset
+    tokenized = tokenize(
+        spec.task, tokenizer, prepared.train, prepared.validation, dataset.max_length, prepared.label_names
+    )
+    if not tokenized.train:
+        raise DataError(
+            f"{dataset.train}: no training sequence is left after tokenisation with maxLength {dataset.max_length} "
+            "(every completion was truncated away): raise dataset.maxLength or shorten the prompts"
+        )
+    if spec.task == "causal-lm" and dataset.packing and spec.method.type not in _UNPACKABLE_METHODS:
+        tokenized.train = pack(tokenized.train, dataset.max_length)
+    return tokenized
+
+
+def _data_stats(prepared: PreparedData, tokenized: TokenizedData) -> dict[str, Any]:
+    report = prepared.report
+    return {
+        "rowsRead": report.rows_read,
+        "trainExamples": len(prepared.train),
+        "validationExamples": len(prepared.validation),
+        "trainSequences": len(tokenized.train),
+        "trainTokens": sum(len(sequence["input_ids"]) for sequence in tokenized.train),
+        "duplicatesDropped": report.duplicates,
+        "emptyRowsDropped": report.empty_rows,
+        "badRows": sum(report.bad_rows.values()),
+        "truncated": tokenized.truncated,
+        "labels": len(prepared.label_names),
+    }

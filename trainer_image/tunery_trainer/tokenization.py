@@ -1,0 +1,149 @@
+"""Turn prepared examples into token ids and labels: chat templates, completion-only loss, label alignment, packing."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tunery.api.spec import Task
+
+IGNORE_INDEX = -100
+
+# Used when a tokenizer has no chat template of its own (base models, tokenizers trained from scratch); ChatML.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class TokenizedData:
+    """Training and validation sequences as lists of id lists, with what was lost to truncation."""
+
+    train: list[dict[str, list[int] | int]]
+    validation: list[dict[str, list[int] | int]]
+    truncated: int = 0
+
+
+def tokenize(
+    task: Task,
+    tokenizer: Any,
+    train: Sequence[dict[str, Any]],
+    validation: Sequence[dict[str, Any]],
+    max_length: int,
+    label_names: Sequence[str],
+) -> TokenizedData:
+    """Token ids without padding; labels carry IGNORE_INDEX wherever no loss is wanted."""
+    label_ids = {name: index for index, name in enumerate(label_names)}
+    result = TokenizedData([], [])
+    for examples, target in ((train, result.train), (validation, result.validation)):
+        for example in examples:
+            sequence, truncated = _tokenize_one(task, tokenizer, example, max_length, label_ids)
+            result.truncated += truncated
+            if sequence is not None:
+                target.append(sequence)
+    return result
+
+
+def _tokenize_one(
+    task: Task, tokenizer: Any, example: dict[str, Any], max_length: int, label_ids: dict[str, int]
+) -> tuple[dict[str, Any] | None, bool]:
+    if task == "sequence-classification":
+        ids = tokenizer(example["text"], truncation=False)["input_ids"]
+        return {"input_ids": ids[:max_length], "label": label_ids[example["label"]]}, len(ids) > max_length
+    if task == "token-classification":
+        return _aligned_tags(tokenizer, example, max_length, label_ids)
+    if task == "masked-lm":
+        ids = tokenizer(example["text"], truncation=False)["input_ids"]
+        return {"input_ids": ids[:max_length]}, len(ids) > max_length
+    if "messages" in example:
+        ids, labels = _chat(tokenizer, example["messages"])
+    elif "prompt" in example:
+        ids, labels = _prompt_completion(tokenizer, example["prompt"], example["completion"])
+    else:
+        ids = _with_eos(tokenizer, tokenizer(example["text"], truncation=False)["input_ids"])
+        labels = list(ids)
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        # Truncation left no completion token to learn from.
+        return None, truncated
+    return {"input_ids": ids, "labels": labels}, truncated
+
+
+def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def _prompt_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(prompt, truncation=False)["input_ids"]
+    completion_ids = _with_eos(tokenizer, tokenizer(" " + completion, add_special_tokens=False)["input_ids"])
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Render with the chat template; only the characters each assistant turn adds carry a loss."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if text.startswith(through) and through.startswith(before):
+            spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids = encoded["input_ids"]
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
+        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return ids, labels
+
+
+def _aligned_tags(
+    tokenizer: Any, example: dict[str, Any], max_length: int, label_ids: dict[str, int]
+) -> tuple[dict[str, Any], bool]:
+    """The first sub-token of each word carries the word's tag; the others and special tokens carry none."""
+    encoded = tokenizer(example["tokens"], is_split_into_words=True, truncation=False)
+    labels, previous = [], None
+    for word in encoded.word_ids():
+        labels.append(label_ids[example["tags"][word]] if word is not None and word != previous else IGNORE_INDEX)
+        previous = word
+    ids = encoded["input_ids"]
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, len(ids) > max_length
+
+
+def pack(sequences: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """First-fit-decreasing packing of causal-LM sequences into rows of at most max_length tokens.
+
+    Each row keeps where its documents start (`position_ids` restart at 0) and which document each token
+    belongs to (`document_ids`), so that training can mask attention across documents; the first token of
+    each document has no label, so no document learns to predict the next one.
+    """
+    order = sorted(range(len(sequences)), key=lambda index: (-len(sequences[index]["input_ids"]), index))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in order:
+        length = len(sequences[index]["input_ids"])
+        slot = next((row for row, free in enumerate(room) if free >= length), None)
+        if slot is None:
+            rows.append([])
+            room.append(max_length)
+            slot = len(rows) - 1
+        rows[slot].append(index)
+        room[slot] -= length
+    return [_packed_row([sequences[index] for index in row]) for row in rows]
+
+
+def _packed_row(documents: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
+    for number, document in enumerate(documents):
+        length = len(document["input_ids"])
+        row["input_ids"] += document["input_ids"]
+        row["labels"] += [IGNORE_INDEX, *document["labels"][1:]]
+        row["position_ids"] += list(range(length))
+        row["document_ids"] += [number] * length
+    return row
