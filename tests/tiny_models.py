@@ -32,10 +32,21 @@ ENCODER_CONFIG = {
 }
 
 
+COUNTS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "many", "some"]
+WARM = {"red", "orange", "yellow"}
+
+
+def sentence_parts(count: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(count word, thing, colour) triples: varied enough to survive dedupe, and each thing has one colour."""
+    generator = random.Random(seed)
+    return [
+        (generator.choice(COUNTS), thing, ANSWERS[thing]) for thing in (generator.choice(THINGS) for _ in range(count))
+    ]
+
+
 def sentences(count: int, seed: int = 0) -> list[str]:
     """Short, learnable sentences: each thing always has the same colour."""
-    generator = random.Random(seed)
-    return [f"the {thing} is {ANSWERS[thing]} ." for thing in (generator.choice(THINGS) for _ in range(count))]
+    return [f"{number} {thing} is {colour} ." for number, thing, colour in sentence_parts(count, seed)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -48,7 +59,7 @@ def decoder(directory: Path, architecture: str = "llama", task: str = "causal-lm
     """A randomly initialised decoder with a BPE tokenizer trained on the test sentences, saved like a checkpoint."""
     import transformers
 
-    tokenizer = train_tokenizer(sentences(400) + COLORS + THINGS, vocab_size=300, with_mask=False)
+    tokenizer = train_tokenizer(sentences(400) + COLORS + THINGS + COUNTS, vocab_size=300, with_mask=False)
     config = transformers.AutoConfig.for_model(
         architecture,
         **DECODER_CONFIGS[architecture],

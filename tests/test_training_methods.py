@@ -1,0 +1,237 @@
+"""Every method on the tasks it applies to trains a tiny model for real, the loss falls, and the output loads back."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import WARM, decoder, encoder, minilm_path, sentence_parts, sentences, write_jsonl
+
+from tunery.local_run import local_config
+from tunery_trainer.job import run
+from tunery_trainer.publishing import ADAPTER_DIR, MODEL_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {
+        "llama": decoder(root / "llama"),
+        "gpt2": decoder(root / "gpt2", "gpt2"),
+        "bert": encoder(root / "bert"),
+        "minilm": minilm_path(),
+    }
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    parts = sentence_parts(240, seed=1)
+    return {
+        "text": write_jsonl(root / "text.jsonl", [{"text": text} for text in sentences(240, seed=1)]),
+        "chat": write_jsonl(
+            root / "chat.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"what colour are {number} {thing}?"},
+                        {"role": "assistant", "content": colour},
+                    ]
+                }
+                for number, thing, colour in parts
+            ],
+        ),
+        "labelled": write_jsonl(
+            root / "labelled.jsonl",
+            [
+                {"text": f"{number} {thing} is {colour} .", "label": "warm" if colour in WARM else "cool"}
+                for number, thing, colour in parts
+            ],
+        ),
+        "tagged": write_jsonl(
+            root / "tagged.jsonl",
+            [
+                {"tokens": [number, thing, "is", colour, "."], "tags": ["O", "B-THING", "O", "B-COLOUR", "O"]}
+                for number, thing, colour in parts
+            ],
+        ),
+    }
+
+
+def manifest(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+
+
+def train_case(tmp_path: Path, spec: dict[str, Any]):
+    spec = {
+        "resources": {"gpus": 0},
+        "output": {"uri": f"file://{tmp_path}/out/"},
+        "checkpoints": {"everySteps": 0, "keep": 1},
+        **spec,
+    }
+    config = local_config(manifest("case", spec))
+    outcome = run(config, tmp_path / "work")
+    return outcome, Path(config.output_uri.removeprefix("file://"))
+
+
+def loss_fell(losses: list[tuple[int, float]]) -> bool:
+    values = [loss for _, loss in losses]
+    # Adapters on a random tiny base learn slowly (its embeddings are frozen and random): any steady drop counts, and
+    # with fixed seeds the run is deterministic, so a pass is not luck.
+    return sum(values[-4:]) / 4 < sum(values[:4]) / 4
+
+
+CASES = [
+    # (id, base, task, data, method, learning rate)
+    ("causal-full", "llama", "causal-lm", "chat", {"type": "full"}, 3e-3),
+    ("causal-lora", "llama", "causal-lm", "chat", {"type": "lora", "lora": {"rank": 8, "alpha": 16}}, 1e-2),
+    ("causal-ia3", "llama", "causal-lm", "text", {"type": "ia3"}, 5e-2),
+    ("causal-prompt", "llama", "causal-lm", "text", {"type": "prompt-tuning"}, 5e-2),
+    ("causal-prefix", "llama", "causal-lm", "text", {"type": "prefix-tuning"}, 5e-2),
+    ("causal-bitfit", "gpt2", "causal-lm", "text", {"type": "bitfit"}, 3e-2),
+    ("mlm-full", "bert", "masked-lm", "text", {"type": "full"}, 3e-3),
+    ("mlm-lora", "bert", "masked-lm", "text", {"type": "lora"}, 1e-2),
+    ("mlm-bitfit", "bert", "masked-lm", "text", {"type": "bitfit"}, 3e-2),
+    ("seqcls-full", "minilm", "sequence-classification", "labelled", {"type": "full"}, 3e-3),
+    ("seqcls-lora", "minilm", "sequence-classification", "labelled", {"type": "lora"}, 2e-3),
+    ("seqcls-ia3", "minilm", "sequence-classification", "labelled", {"type": "ia3"}, 1e-2),
+    ("seqcls-prompt", "minilm", "sequence-classification", "labelled", {"type": "prompt-tuning"}, 5e-2),
+    ("seqcls-bitfit", "minilm", "sequence-classification", "labelled", {"type": "bitfit"}, 3e-2),
+    ("tokcls-full", "minilm", "token-classification", "tagged", {"type": "full"}, 3e-3),
+    ("tokcls-lora", "minilm", "token-classification", "tagged", {"type": "lora"}, 2e-3),
+    ("tokcls-bitfit", "minilm", "token-classification", "tagged", {"type": "bitfit"}, 3e-2),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "task", "data", "method", "learning_rate"), [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
+def test_method_trains_and_loads_back(
+    tmp_path: Path,
+    bases: dict[str, Path],
+    datasets: dict[str, Path],
+    base: str,
+    task: str,
+    data: str,
+    method: dict[str, Any],
+    learning_rate: float,
+) -> None:
+    outcome, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {"uri": f"file://{bases[base]}/"},
+            "task": task,
+            "dataset": {"train": f"file://{datasets[data]}", "maxLength": 128, "validationSplit": 0.1},
+            "method": method,
+            "hyperparameters": {"maxSteps": 24, "batchSize": 8, "learningRate": learning_rate, "warmupRatio": 0.0},
+            "evaluation": {"everySteps": 12, "metrics": ["loss"]},
+        },
+    )
+    assert outcome.progress.step == 24
+    assert loss_fell(outcome.progress.train_loss), " ".join(f"{loss:.3f}" for _, loss in outcome.progress.train_loss)
+    assert (published / "tunery-manifest.json").is_file()
+    assert (published / "README.md").is_file() and (published / "loss_curve.png").is_file()
+    model = load_published(published, task, method["type"], bases[base])
+    check_inference(model, published, task)
+
+
+def load_published(published: Path, task: str, method: str, base_dir: Path):
+    from tunery_trainer.modeling import auto_class
+
+    if (published / MODEL_DIR).is_dir():
+        return auto_class(task).from_pretrained(published / MODEL_DIR)
+    from peft import PeftModel
+
+    assert method in ("prompt-tuning", "prefix-tuning")
+    base = auto_class(task).from_pretrained(base_dir, **_labels(published / ADAPTER_DIR, task))
+    return PeftModel.from_pretrained(base, published / ADAPTER_DIR)
+
+
+def _labels(adapter_dir: Path, task: str) -> dict[str, Any]:
+    if task != "sequence-classification":
+        return {}
+    return {"num_labels": 2}
+
+
+def check_inference(model, published: Path, task: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = published / MODEL_DIR if (published / MODEL_DIR).is_dir() else published / ADAPTER_DIR
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    inputs = tokenizer(["three apple is"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        if task == "causal-lm":
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert generated.shape[1] > inputs["input_ids"].shape[1]
+        else:
+            logits = model(**inputs).logits
+            expected = {"masked-lm": len(tokenizer), "sequence-classification": 2, "token-classification": 3}[task]
+            assert logits.shape[-1] == expected
+
+
+def test_lora_changes_only_adapter_weights(tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path]) -> None:
+    _, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {"uri": f"file://{bases['llama']}/"},
+            "dataset": {"train": f"file://{datasets['chat']}", "maxLength": 128},
+            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8}},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "learningRate": 1e-2},
+        },
+    )
+    adapter = load_file(published / ADAPTER_DIR / "adapter_model.safetensors")
+    assert adapter and all("lora_A" in name or "lora_B" in name for name in adapter)
+    assert any(float(tensor.abs().sum()) > 0 for name, tensor in adapter.items() if "lora_B" in name)
+    base = load_file(bases["llama"] / "model.safetensors")
+    merged = load_file(published / MODEL_DIR / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed, "the merged model equals the base: the adapter learned nothing"
+    assert all(name.endswith("proj.weight") for name in changed), changed
+
+
+def test_bitfit_changes_only_biases(tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path]) -> None:
+    _, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {"uri": f"file://{bases['gpt2']}/"},
+            "dataset": {"train": f"file://{datasets['text']}", "maxLength": 128},
+            "method": {"type": "bitfit"},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "learningRate": 1e-2},
+        },
+    )
+    base = load_file(bases["gpt2"] / "model.safetensors")
+    trained = load_file(published / MODEL_DIR / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], trained[name])}
+    assert changed and all(name.endswith(".bias") for name in changed), changed
+
+
+def test_pretraining_from_scratch_trains_a_tokenizer(tmp_path: Path, datasets: dict[str, Path]) -> None:
+    outcome, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {
+                "architecture": "llama",
+                "config": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 2,
+                },
+                "tokenizer": {"trainVocabSize": 300},
+            },
+            "dataset": {"train": f"file://{datasets['text']}", "maxLength": 128},
+            "method": {"type": "full"},
+            "hyperparameters": {"maxSteps": 24, "batchSize": 8, "learningRate": 3e-3, "warmupRatio": 0.0},
+        },
+    )
+    assert loss_fell(outcome.progress.train_loss)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(published / MODEL_DIR)
+    assert len(tokenizer) <= 300 and tokenizer.eos_token == "</s>"
+    check_inference(load_published(published, "causal-lm", "full", Path()), published, "causal-lm")
