@@ -1,0 +1,106 @@
+"""A trainer killed mid-run resumes from its latest complete checkpoint and ends where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny_models import decoder, sentences, write_jsonl
+
+from tunery.local_run import local_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 60
+EVERY = 10
+# Same seeds, same data order, same per-step random streams: on one CPU the resumed losses are bit-identical in
+# practice; the tolerance only allows for a different summation order in another BLAS.
+TOLERANCE = 1e-4
+
+
+def trainer_config(tmp_path: Path, base: Path, data: Path, name: str) -> Path:
+    config = local_config(
+        {
+            "apiVersion": "tunery.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {
+                "baseModel": {"uri": f"file://{base}/"},
+                "dataset": {"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
+                "method": {"type": "lora"},
+                "hyperparameters": {"maxSteps": STEPS, "batchSize": 4, "learningRate": 1e-2},
+                "evaluation": {"everySteps": 30},
+                "checkpoints": {"everySteps": EVERY, "keep": 2},
+                "output": {"uri": f"file://{tmp_path}/{name}/"},
+                "resources": {"gpus": 0},
+            },
+        }
+    )
+    path = tmp_path / f"{name}.json"
+    path.write_text(config.model_dump_json(by_alias=True, exclude_none=True))
+    return path
+
+
+def start(config: Path, workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunery_trainer", "train", f"--config={config}", f"--workdir={workdir}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TUNERY_TERMINATION_MESSAGE_PATH": str(workdir.parent / "termination.json")},
+    )
+
+
+def published(config: Path) -> Path:
+    return Path(json.loads(config.read_text())["outputUri"].removeprefix("file://"))
+
+
+def losses(config: Path) -> dict[int, float]:
+    metrics = json.loads((published(config) / "metrics.json").read_text())
+    return {step: loss for step, loss in metrics["trainLoss"]}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    return decoder(root / "base"), write_jsonl(root / "train.jsonl", [{"text": text} for text in sentences(300, 3)])
+
+
+def test_killed_run_resumes_exactly(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    base, data = inputs
+    uninterrupted = trainer_config(tmp_path, base, data, "uninterrupted")
+    process = start(uninterrupted, tmp_path / "work-a")
+    assert process.wait(timeout=600) == 0, process.stdout.read()
+
+    interrupted = trainer_config(tmp_path, base, data, "interrupted")
+    checkpoints = published(interrupted) / "checkpoints"
+    process = start(interrupted, tmp_path / "work-b")
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step-00000020" / "tunery-manifest.json").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_output = process.stdout.read()
+    assert "published the model" not in killed_output
+    assert not (published(interrupted) / "tunery-manifest.json").exists()
+    # A checkpoint that was being written when the process died: files, no manifest. It must be ignored.
+    half = checkpoints / "step-00000050"
+    half.mkdir()
+    (half / "trainable.safetensors").write_bytes(b"partial")
+
+    process = start(interrupted, tmp_path / "work-c")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    resumed_from = int(output.split("resuming from ")[1].split(" at step ")[1].split()[0])
+    assert 20 <= resumed_from < STEPS and resumed_from % EVERY == 0
+    expected, got = losses(uninterrupted), losses(interrupted)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert max(abs(expected[step] - got[step]) for step in range(resumed_from + 1, STEPS + 1)) < TOLERANCE
+    kept = sorted(path.name for path in checkpoints.iterdir() if (path / "tunery-manifest.json").exists())
+    assert kept == [f"step-{STEPS - EVERY:08d}", f"step-{STEPS:08d}"]
