@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -41,11 +42,17 @@ def train(
 ) -> None:
     """Train the configured revision (resuming from its latest checkpoint) and publish the model."""
     # Imported here: `check` and `--help` should not pay for loading torch and transformers.
+    from transformers.utils import logging as transformers_logging
+
     from tunery_trainer.job import run
     from tunery_trainer.metrics import TrainerMetrics
     from tunery_trainer.progress import ProgressReporter, StatusEndpoint
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own JSON lines and progress bar say what happens; per-file loading bars and PEFT's calls into deprecated
+    # transformers APIs only bury them.
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     trainer_config = _load(config)
     job = trainer_config.finetune_job
     main_process = os.environ.get("RANK", "0") == "0"

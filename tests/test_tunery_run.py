@@ -1,0 +1,70 @@
+"""`tunery run`: a manifest trained on this machine, in one process or two (torchrun, gloo), with clear refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import decoder, sentences, write_jsonl
+
+TUNERY = str(Path(sys.executable).parent / "tunery")
+
+
+def manifest(tmp_path: Path, base: str, data: str, **extra: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"""apiVersion: tunery.dev/v1alpha1
+kind: FineTuneJob
+metadata: {{name: two-ranks}}
+spec:
+  baseModel: {{uri: "{base}"}}
+  dataset: {{train: "{data}", maxLength: 64}}
+  method: {{type: lora}}
+  hyperparameters: {{maxSteps: 6, batchSize: 4, learningRate: 0.01}}
+  checkpoints: {{everySteps: 3, keep: 1}}
+  output: {{uri: "file://${{OUT_DIR}}/out/"}}
+  resources: {{gpus: 0{extra.get("resources", "")}}}
+"""
+    )
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [TUNERY, "run", *args], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_publish_one_model(tmp_path: Path) -> None:
+    base = decoder(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(120)])
+    job = manifest(tmp_path, f"file://{base}/", f"file://{data}", resources=", nodes: 1")
+    result = run_cli(str(job), "--processes=2", env={"OUT_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (revision,) = [path for path in (tmp_path / "out").iterdir()]
+    assert f"model published at file://{tmp_path}/out/{revision.name}/" in result.stderr.replace("\n", "")
+    manifest_file = json.loads((revision / "tunery-manifest.json").read_text())
+    assert manifest_file["method"] == "lora" and manifest_file["adapter"] == "adapter/"
+    metrics = json.loads((revision / "metrics.json").read_text())
+    # Two ranks of 4 sequences per step: the tokens counted are both ranks' tokens.
+    assert [step for step, _ in metrics["trainLoss"]] == [1, 2, 3, 4, 5, 6]
+    assert sorted(path.name for path in (revision / "checkpoints").iterdir()) == ["step-00000006"]
+    assert result.stdout.count('"model":') == 1
+    assert result.stderr.count("data: ") == 2, "both ranks prepare the data"
+
+
+def test_invalid_manifest_names_the_field(tmp_path: Path) -> None:
+    job = manifest(tmp_path, "ftp://nowhere/model", "file:///data/train.jsonl")
+    result = run_cli(str(job), env={"OUT_DIR": str(tmp_path)})
+    assert result.returncode == 1
+    assert "spec.baseModel.uri" in result.stderr
+
+
+def test_unset_variable_is_named(tmp_path: Path) -> None:
+    job = manifest(tmp_path, "file:///models/base/", "file:///data/train.jsonl")
+    env = {key: value for key, value in os.environ.items() if key != "OUT_DIR"}
+    result = subprocess.run([TUNERY, "run", str(job)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1 and "${OUT_DIR}: not set" in result.stderr
