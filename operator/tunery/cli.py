@@ -66,11 +66,10 @@ def run(
 
     out = Console(highlight=False, soft_wrap=True, stderr=True)
     try:
-        text = expand_variables(file.read_text(encoding="utf-8"))
-        documents = [document for document in yaml.safe_load_all(text) if document]
+        documents = [document for document in yaml.safe_load_all(file.read_text(encoding="utf-8")) if document]
         if len(documents) != 1:
             raise LocalRunError([f"{file}: holds {len(documents)} documents; tunery run takes one FineTuneJob"])
-        config = local_config(documents[0])
+        config = local_config(expand_variables(documents[0]))
     except OSError as exc:
         out.print(f"[red]✗[/red] {file}: cannot read: {exc}")
         raise typer.Exit(EXIT_UNREADABLE) from exc

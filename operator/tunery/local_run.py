@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,26 @@ class LocalRunError(Exception):
     problems: list[str]
 
 
-def expand_variables(text: str) -> str:
-    """Replace ${NAME} with the environment's value, so one manifest works from any checkout (file:// paths)."""
-    missing = sorted({name for name in _VARIABLE.findall(text) if name not in os.environ})
+def expand_variables(document: Any) -> Any:
+    """Replace ${NAME} in every string value with the environment's value, so one manifest works from any checkout."""
+    found: set[str] = set()
+    _walk(document, lambda text: found.update(_VARIABLE.findall(text)) or text)
+    missing = sorted(name for name in found if name not in os.environ)
     if missing:
         raise LocalRunError(
             [f"${{{name}}}: not set in the environment; export it or write the value" for name in missing]
         )
-    return _VARIABLE.sub(lambda match: os.environ[match.group(1)], text)
+    return _walk(document, lambda text: _VARIABLE.sub(lambda match: os.environ[match.group(1)], text))
+
+
+def _walk(value: Any, change: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {key: _walk(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_walk(item, change) for item in value]
+    return value
 
 
 def local_config(manifest: Any) -> TrainerConfig:

@@ -49,9 +49,10 @@ def train(
     from tunery_trainer.progress import ProgressReporter, StatusEndpoint
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Our own JSON lines and progress bar say what happens; per-file loading bars and PEFT's calls into deprecated
-    # transformers APIs only bury them.
+    # Our own JSON lines and progress bar say what happens; loading bars, load reports (a new classifier head is
+    # "missing" by design) and PEFT's calls into deprecated transformers APIs only bury them.
     transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     trainer_config = _load(config)
     job = trainer_config.finetune_job
