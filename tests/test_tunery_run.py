@@ -13,6 +13,12 @@ from tiny_models import decoder, minilm_path, sentences, write_jsonl
 TUNERY = str(Path(sys.executable).parent / "tunery")
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def manifest(tmp_path: Path, base: str, data: str, **extra: str) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(
@@ -88,3 +94,18 @@ def test_the_readme_quickstart_trains_and_says_where_the_model_is(tmp_path: Path
     assert {"adapter", "model", "README.md", "loss_curve.png", "tunery-manifest.json"} <= {
         path.name for path in published.iterdir()
     }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch_cuda_available(), reason="checks the refusal on a machine without a GPU")
+def test_qlora_without_a_gpu_is_refused_with_exit_67(tmp_path: Path) -> None:
+    base = decoder(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(40)])
+    job = manifest(tmp_path, f"file://{base}/", f"file://{data}")
+    job.write_text(job.read_text().replace("type: lora", "type: qlora").replace("gpus: 0", "gpus: 1"))
+    termination = tmp_path / "termination.json"
+    result = run_cli(str(job), env={"OUT_DIR": str(tmp_path), "TUNERY_TERMINATION_MESSAGE_PATH": str(termination)})
+    assert result.returncode == 67, result.stderr
+    message = json.loads(termination.read_text())
+    assert message["reason"] == "Unsupported" and "method.type qlora" in message["message"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("tunery-manifest.json"))

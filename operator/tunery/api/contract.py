@@ -4,6 +4,8 @@ CONFIG_DIR = "/etc/tunery"
 CONFIG_FILE = "trainer.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
+# Rank 0 of the trainer serves Prometheus metrics here (`tunery-trainer train` reads TUNERY_METRICS_PORT).
+TRAINER_METRICS_PORT = 9090
 # pvc://CLAIM/PATH is read at PVC_MOUNT_ROOT/CLAIM/PATH inside the trainer and server pods.
 PVC_MOUNT_ROOT = "/mnt/pvc"
 

@@ -205,12 +205,13 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
             {"name": "TUNERY_FINETUNEJOB", "value": target.name},
             {"name": "TUNERY_NAMESPACE", "value": target.namespace},
             {"name": "TUNERY_REVISION", "value": target.revision},
+            {"name": "TUNERY_METRICS_PORT", "value": str(contract.TRAINER_METRICS_PORT)},
             {"name": "HF_HOME", "value": "/var/cache/tunery/huggingface"},
             {"name": "TMPDIR", "value": "/tmp"},
             *rendezvous_env,
         ],
         "resources": _resources(target),
-        "ports": [{"name": "metrics", "containerPort": 9090}]
+        "ports": [{"name": "metrics", "containerPort": contract.TRAINER_METRICS_PORT}]
         + (
             [{"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT}]
             if target.spec.resources.nodes > 1
