@@ -3,7 +3,14 @@
 from datetime import UTC, datetime, timedelta
 
 from tunery.api.validation import FieldError
-from tunery.controller.decisions import Observation, changed_fields, decide, operator_status
+from tunery.controller.decisions import (
+    Observation,
+    ServingObservation,
+    changed_fields,
+    decide,
+    operator_status,
+    serving_status,
+)
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -76,6 +83,7 @@ def test_succeeded_is_ready_and_complete() -> None:
         "Stalled": "False",
         "Complete": "True",
         "Failed": "False",
+        "Serving": "False",
     }
     assert status["failure"] is None and status["attempts"] == 1
 
@@ -156,3 +164,88 @@ def test_the_model_changes_only_when_a_revision_succeeds() -> None:
     assert "model" not in running and "modelRevision" not in running
     done = status_of(observe(job=job(("Complete", "Completed", "")), model=model), running, NOW)
     assert done["model"] == model and done["modelRevision"] == "1234abcd"
+
+
+ENDPOINT = "http://chat-serving.team-a.svc.cluster.local/v1"
+
+
+def deployment(generation: int = 2, replicas: int = 2, conditions=(), **status) -> dict:
+    return {
+        "metadata": {"name": "chat-serving", "generation": generation},
+        "spec": {"replicas": replicas, "progressDeadlineSeconds": 600},
+        "status": {"observedGeneration": generation, "conditions": list(conditions), **status},
+    }
+
+
+def serving(deployment_: dict, pods=()) -> ServingObservation:
+    return ServingObservation(deployment_, list(pods), ENDPOINT)
+
+
+def test_serving_is_ready_only_when_every_replica_runs_the_new_model() -> None:
+    rolling = deployment(replicas=2, updatedReplicas=1, readyReplicas=2, availableReplicas=2)
+    rolling["status"]["replicas"] = 3
+    assert serving_status(serving(rolling))["phase"] == "Deploying"
+    stale = deployment(replicas=2, updatedReplicas=2, readyReplicas=2)
+    stale["status"]["observedGeneration"] = 1
+    assert serving_status(serving(stale))["phase"] == "Deploying"
+    done = deployment(replicas=2, updatedReplicas=2, readyReplicas=2)
+    done["status"]["replicas"] = 2
+    assert serving_status(serving(done)) == {"phase": "Ready", "endpoint": ENDPOINT, "readyReplicas": 2, "message": ""}
+
+
+def test_a_rollout_past_its_deadline_fails_and_says_the_old_model_keeps_serving() -> None:
+    stuck = deployment(
+        replicas=1,
+        conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}],
+        updatedReplicas=1,
+        readyReplicas=1,
+    )
+    unschedulable = pod(
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes: Insufficient nvidia.com/gpu",
+            }
+        ]
+    )
+    result = serving_status(serving(stuck, [unschedulable]))
+    assert result["phase"] == "Failed" and result["readyReplicas"] == 1
+    assert "within 600s" in result["message"] and "Insufficient nvidia.com/gpu" in result["message"]
+    assert "keep serving the previous model" in result["message"]
+
+
+def test_a_model_the_init_container_cannot_fetch_fails_with_its_reason() -> None:
+    failing = pod()
+    failing["status"]["initContainerStatuses"] = [
+        {
+            "name": "fetch-model",
+            "lastState": {
+                "terminated": {
+                    "exitCode": 66,
+                    "message": '{"reason": "ModelIncomplete", "message": "s3://m/out/ has no tunery-manifest.json"}',
+                }
+            },
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        }
+    ]
+    result = serving_status(serving(deployment(replicas=1, updatedReplicas=1), [failing]))
+    assert result["phase"] == "Failed" and result["message"].startswith("ModelIncomplete: s3://m/out/")
+
+
+def test_ready_waits_for_the_endpoint_when_serving_is_enabled() -> None:
+    succeeded = job(("Complete", "Completed", ""), succeeded=1)
+    deploying = deployment(replicas=1, updatedReplicas=1, readyReplicas=0)
+    observation = observe(job=succeeded, serving_enabled=True, serving=serving(deploying))
+    status = status_of(observation, {}, NOW)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Succeeded" and conditions["Complete"]["status"] == "True"
+    assert conditions["Ready"]["status"] == "False" and conditions["Ready"]["reason"] == "Deploying"
+    assert conditions["Reconciling"]["status"] == "True" and conditions["Serving"]["status"] == "False"
+    ready = deployment(replicas=1, updatedReplicas=1, readyReplicas=1)
+    ready["status"]["replicas"] = 1
+    status = status_of(observe(job=succeeded, serving_enabled=True, serving=serving(ready)), {}, NOW)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "True" and conditions["Serving"]["status"] == "True"
+    assert conditions["Reconciling"]["status"] == "False" and status["serving"]["endpoint"] == ENDPOINT

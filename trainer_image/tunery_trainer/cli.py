@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -72,6 +73,47 @@ def train(
         _fail(error.reason, error.message, failures.exit_code(error))
     if main_process:
         typer.echo(json.dumps({"model": outcome.output_uri, "step": outcome.progress.step}))
+
+
+@app.command()
+def fetch(
+    uri: Annotated[str, typer.Option("--uri", help="The published model (s3://, file:// or pvc://).")],
+    dest: Annotated[Path, typer.Option("--dest", help="Where to put it (the serving pod's model volume).")],
+    with_base: Annotated[
+        bool,
+        typer.Option("--with-base", help="Also fetch the base model (into DEST/base) when no merged model exists."),
+    ] = False,
+    attempts: Annotated[int, typer.Option("--attempts", min=1, help="Tries when the storage cannot be reached.")] = 5,
+    addressing: Annotated[str, typer.Option("--addressing", help="S3 addressing: auto, path or virtual.")] = "auto",
+) -> None:
+    """Fetch a published model, verified against its manifest (the serving init container)."""
+    settings = S3Settings(os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_REGION", "us-east-1"), addressing)
+    try:
+        manifest = _with_retries(lambda: _fetch_model(Storage(settings), uri, dest, with_base), attempts)
+    except StorageError as error:
+        _fail(error.reason, error.message, failures.exit_code(error))
+    typer.echo(json.dumps({"model": uri, "files": len(manifest["files"]), "dest": str(dest)}))
+
+
+def _fetch_model(storage: Storage, uri: str, dest: Path, with_base: bool) -> dict:
+    storage.fetch_published(uri, dest)
+    manifest = storage.read_manifest(uri) or {}
+    if with_base and not manifest.get("model") and manifest.get("baseModel"):
+        base = manifest["baseModel"]
+        storage.fetch(base if base.endswith("/") else base + "/", dest / "base")
+    return manifest
+
+
+def _with_retries(action, attempts: int):
+    """Unreachable storage is often a moment's trouble (DNS, a restarting MinIO); every other error is final."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except StorageError as error:
+            if error.reason != "StorageUnreachable" or attempt == attempts:
+                raise
+            typer.echo(f"{error.message}; retrying in {2**attempt}s", err=True)
+            time.sleep(2**attempt)
 
 
 @app.command()

@@ -6,6 +6,8 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
 # Rank 0 of the trainer serves Prometheus metrics here (`tunery-trainer train` reads TUNERY_METRICS_PORT).
 TRAINER_METRICS_PORT = 9090
+# The serving container's HTTP port (the OpenAI-compatible API, health and metrics).
+SERVING_PORT = 8000
 # pvc://CLAIM/PATH is read at PVC_MOUNT_ROOT/CLAIM/PATH inside the trainer and server pods.
 PVC_MOUNT_ROOT = "/mnt/pvc"
 

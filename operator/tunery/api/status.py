@@ -74,6 +74,8 @@ class ServingStatus(ApiModel):
     """In-cluster base URL of the OpenAI-compatible API."""
     ready_replicas: int = Field(0, ge=0)
     """Replicas ready to serve."""
+    message: str = Field("", max_length=4096)
+    """Why the endpoint is not ready yet, or why its rollout failed."""
 
 
 class Failure(ApiModel):

@@ -21,6 +21,18 @@ class Observation:
     queued: bool = False
     model: dict[str, str] | None = None
     """Where this revision publishes its model ({uri, name}); it becomes status.model once the revision succeeds."""
+    serving: "ServingObservation | None" = None
+    """The serving Deployment, when spec.serving.enabled and a model has been published."""
+    serving_enabled: bool = False
+
+
+@dataclass(frozen=True)
+class ServingObservation:
+    """The serving Deployment as stored, its pods, and where it answers."""
+
+    deployment: dict[str, Any]
+    pods: list[dict[str, Any]]
+    endpoint: str
 
 
 @dataclass(frozen=True)
@@ -70,10 +82,23 @@ def operator_status(
 ) -> dict[str, Any]:
     """The operator-owned status fields for `decide(observation)`; conditions keep their transition time while their status holds."""
     terminal = verdict.phase in ("Succeeded", "Failed")
+    serving = serving_status(observation.serving) if observation.serving_enabled and observation.serving else None
+    serving_phase = serving["phase"] if serving else None
+    serving_condition = _serving_condition(observation, serving)
+    # With serving requested, the job is Ready (and done reconciling) only once the endpoint serves its model.
+    ready = verdict.phase == "Succeeded" and (not observation.serving_enabled or serving_phase == "Ready")
+    ready_reason, ready_message = (
+        (serving_condition[1], serving_condition[2])
+        if verdict.phase == "Succeeded" and not ready
+        else (verdict.reason, verdict.message)
+    )
     wanted = {
-        "Ready": (verdict.phase == "Succeeded", verdict.reason),
-        "Reconciling": (not terminal, verdict.reason),
-        "Stalled": (verdict.phase == "Failed", verdict.reason),
+        "Ready": (ready, ready_reason),
+        "Reconciling": (
+            not terminal or (verdict.phase == "Succeeded" and not ready and serving_phase != "Failed"),
+            ready_reason,
+        ),
+        "Stalled": (verdict.phase == "Failed" or serving_phase == "Failed", verdict.reason),
         "Complete": (verdict.phase == "Succeeded", verdict.reason),
         "Failed": (verdict.phase == "Failed", verdict.reason),
     }
@@ -91,7 +116,12 @@ def operator_status(
     ]
     for kind, (holds, reason) in wanted.items():
         message = verdict.message if holds or kind == "Ready" else ""
+        if kind == "Ready" and verdict.phase == "Succeeded" and not ready:
+            message = ready_message
+        if kind == "Stalled" and serving_phase == "Failed" and verdict.phase != "Failed":
+            reason, message = serving_condition[1], serving_condition[2]
         conditions.append(_condition(before, kind, holds, reason, message, observation.generation, now))
+    conditions.append(_condition(before, "Serving", *serving_condition, observation.generation, now))
     job_status = (observation.job or {}).get("status", {})
     status: dict[str, Any] = {
         "phase": verdict.phase,
@@ -102,12 +132,71 @@ def operator_status(
         "startTime": job_status.get("startTime"),
         "completionTime": job_status.get("completionTime"),
         "failure": {"reason": verdict.reason, "message": verdict.message} if verdict.phase == "Failed" else None,
+        "serving": serving,
     }
     # The served model changes only when a revision succeeds; until then the previous one stays in the status.
     if verdict.phase == "Succeeded" and observation.model:
         status["model"] = observation.model
         status["modelRevision"] = observation.revision
     return status
+
+
+def serving_status(observed: ServingObservation) -> dict[str, Any]:
+    """status.serving: Ready once every replica runs the current template, Failed when the rollout cannot finish."""
+    deployment = observed.deployment
+    status = deployment.get("status", {})
+    wanted_replicas = deployment["spec"].get("replicas", 1)
+    ready_replicas = status.get("readyReplicas", 0)
+    result = {"phase": "Deploying", "endpoint": observed.endpoint, "readyReplicas": ready_replicas, "message": ""}
+    keeps_serving = "; the ready replicas keep serving the previous model" if ready_replicas else ""
+    fetch_failure = _fetch_failure(observed.pods)
+    if fetch_failure:
+        return result | {"phase": "Failed", "message": f"{fetch_failure}{keeps_serving}"}
+    progressing = next((c for c in status.get("conditions", []) if c["type"] == "Progressing"), None)
+    if progressing and progressing["status"] == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        waiting = _waiting_reason(observed.pods)
+        cause = f" ({waiting[0]}: {waiting[1]})" if waiting else ""
+        deadline = deployment["spec"].get("progressDeadlineSeconds")
+        return result | {
+            "phase": "Failed",
+            "message": f"the new serving pods did not become ready within {deadline}s{cause}{keeps_serving}",
+        }
+    settled = (
+        status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 1)
+        and status.get("updatedReplicas", 0) == wanted_replicas
+        and status.get("replicas", 0) == wanted_replicas
+        and ready_replicas >= wanted_replicas
+    )
+    if settled:
+        return result | {"phase": "Ready"}
+    waiting = _waiting_reason(observed.pods)
+    message = f"{waiting[0]}: {waiting[1]}" if waiting else f"{ready_replicas} of {wanted_replicas} replicas ready"
+    return result | {"message": message}
+
+
+def _serving_condition(observation: Observation, serving: dict[str, Any] | None) -> tuple[bool, str, str]:
+    if not observation.serving_enabled:
+        return False, "ServingDisabled", "spec.serving.enabled is false"
+    if serving is None:
+        return False, "WaitingForModel", "the endpoint is deployed once a revision has published its model"
+    if serving["phase"] == "Ready":
+        return True, "Serving", f"serving at {serving['endpoint']}"
+    if serving["phase"] == "Failed":
+        return False, "ServingFailed", serving["message"]
+    return False, "Deploying", serving["message"]
+
+
+def _fetch_failure(pods: list[dict[str, Any]]) -> str | None:
+    """The init container's own JSON reason when it could not fetch the model (missing, incomplete, no access)."""
+    for pod in pods:
+        for container in pod.get("status", {}).get("initContainerStatuses", []):
+            terminated = container.get("state", {}).get("terminated") or container.get("lastState", {}).get(
+                "terminated"
+            )
+            if terminated and terminated.get("exitCode", 0) != 0:
+                reported = _trainer_message(terminated.get("message", ""))
+                return f"{reported[0]}: {reported[1]}" if reported else f"fetching the model failed ({terminated})"
+    return None
 
 
 def _condition(

@@ -1,4 +1,4 @@
-"""Kopf handlers: every watch event about a FineTuneJob, its Jobs or its pods reconciles that FineTuneJob."""
+"""Kopf handlers: every watch event about a FineTuneJob, its Jobs, Deployments or pods reconciles that FineTuneJob."""
 
 import asyncio
 import logging
@@ -100,6 +100,10 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
 
     @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)
     async def job_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
+        await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
+
+    @kopf.on.event("apps", "v1", "deployments", labels=owned, registry=registry)
+    async def deployment_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
         await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
 
     @kopf.on.event("", "v1", "pods", labels=owned, registry=registry)

@@ -5,8 +5,9 @@ from typing import Any
 from lightkube import AsyncClient, codecs
 from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Event, Pod
+from lightkube.resources.core_v1 import Event, Pod, Service
 from lightkube.types import CascadeType, PatchType
 
 from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
@@ -65,6 +66,22 @@ class KubeApi:
     async def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         pods = self._client.list(Pod, namespace=namespace, labels={"batch.kubernetes.io/job-name": job_name})
         return [pod.to_dict() async for pod in pods]
+
+    async def list_serving_pods(self, namespace: str, finetunejob: str) -> list[dict[str, Any]]:
+        labels = {FINETUNEJOB_LABEL: finetunejob, "app.kubernetes.io/component": "serving"}
+        return [pod.to_dict() async for pod in self._client.list(Pod, namespace=namespace, labels=labels)]
+
+    async def delete_serving(self, namespace: str, name: str) -> bool:
+        """Delete the serving Deployment and Service; whether there was anything to delete."""
+        deleted = False
+        for resource in (Deployment, Service):
+            try:
+                await self._client.delete(resource, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
+                deleted = True
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise
+        return deleted
 
     async def list_job_warnings(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         """Warning Events about a Job (the Job controller reports pods it could not create only there)."""

@@ -9,6 +9,8 @@ FIELD_MANAGER = "tunery-operator"
 MANAGED_BY = "tunery-operator"
 FINETUNEJOB_LABEL = "tunery.dev/finetunejob"
 REVISION_LABEL = "tunery.dev/revision"
+# The revision whose model a serving pod serves.
+MODEL_REVISION_LABEL = "tunery.dev/model-revision"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Fields that do not change what is trained: editing them never starts a new revision.
 _NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds"}
@@ -26,6 +28,11 @@ def job_name(finetunejob: str, revision_id: str) -> str:
 
 def config_map_name(finetunejob: str, revision_id: str) -> str:
     return f"{finetunejob}-{revision_id}-config"
+
+
+def serving_name(finetunejob: str) -> str:
+    """One Deployment and Service per FineTuneJob, whatever the revision: new models roll out in place."""
+    return f"{finetunejob}-serving"
 
 
 def trainer_account_name(finetunejob: str) -> str:

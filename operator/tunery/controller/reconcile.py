@@ -4,6 +4,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,6 +14,7 @@ from tunery.controller import decisions, naming
 from tunery.controller.kube import KubeApi
 from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.render import TrainingTarget, render_training_children
+from tunery.controller.serving import ServingTarget, render_serving_children
 from tunery.controller.settings import OperatorSettings
 
 # Posts a Kubernetes Event about a FineTuneJob: (body, type, reason, message).
@@ -48,6 +50,7 @@ class Reconciler:
         previous = body.get("status") or {}
         now = datetime.now(UTC)
         verdict = decisions.decide(observation)
+        observation = await self._serve(body, observation, verdict, previous)
         wanted = decisions.operator_status(observation, verdict, previous, now)
         patch = decisions.changed_fields(wanted, previous)
         if patch:
@@ -100,6 +103,46 @@ class Reconciler:
         return decisions.Observation(
             generation, revision, job=job, pods=pods, job_warnings=warnings, queued=queue is not None, model=model
         )
+
+    async def _serve(
+        self,
+        body: dict[str, Any],
+        observation: decisions.Observation,
+        verdict: decisions.Verdict,
+        previous: dict[str, Any],
+    ) -> decisions.Observation:
+        """Serve the latest successful revision's model; a running or failed revision leaves the served one alone."""
+        metadata = body["metadata"]
+        namespace, name = metadata["namespace"], metadata["name"]
+        if observation.spec_errors:
+            return observation
+        spec = FineTuneJobSpec.model_validate(body["spec"])
+        if not spec.serving.enabled:
+            if await self._api.delete_serving(namespace, naming.serving_name(name)):
+                logger.info("removed the serving Deployment of %s/%s: spec.serving.enabled is false", namespace, name)
+            return observation
+        if verdict.phase == "Succeeded" and observation.model:
+            model, model_revision = observation.model, observation.revision
+        else:
+            model, model_revision = previous.get("model"), previous.get("modelRevision")
+        if not model or not model_revision:
+            return replace(observation, serving_enabled=True)
+        target = ServingTarget(
+            name=name,
+            namespace=namespace,
+            uid=metadata["uid"],
+            spec=spec,
+            model_uri=model["uri"],
+            model_revision=model_revision,
+            model_name=model["name"],
+            image=spec.image or self._settings.trainer_image,
+            vllm_image=self._settings.vllm_image,
+            progress_deadline_seconds=self._settings.serving_progress_deadline_seconds,
+        )
+        applied = [await self._api.apply(child) for child in render_serving_children(target)]
+        pods = await self._api.list_serving_pods(namespace, name)
+        serving = decisions.ServingObservation(applied[-1], pods, target.endpoint)
+        return replace(observation, serving_enabled=True, serving=serving)
 
     def _policy_errors(self, body: dict[str, Any]) -> list[FieldError]:
         if body.get("spec", {}).get("image") and not self._settings.allow_image_override:

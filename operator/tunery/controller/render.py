@@ -37,12 +37,12 @@ class TrainingTarget:
         return self.spec.resources.nodes > 1 or self.spec.resources.gpus > 1
 
 
-def owner_reference(target: TrainingTarget) -> dict[str, Any]:
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "name": target.name,
-        "uid": target.uid,
+        "name": name,
+        "uid": uid,
         "controller": True,
         "blockOwnerDeletion": True,
     }
@@ -53,7 +53,7 @@ def _metadata(target: TrainingTarget, name: str, component: str, per_revision: b
         "name": name,
         "namespace": target.namespace,
         "labels": naming.labels(target.name, target.revision if per_revision else None, component),
-        "ownerReferences": [owner_reference(target)],
+        "ownerReferences": [owner_reference(target.name, target.uid)],
     }
 
 
@@ -132,7 +132,7 @@ def render_headless_service(target: TrainingTarget) -> dict[str, Any]:
     }
 
 
-def _storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": spec.storage.region}]
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint})
@@ -201,7 +201,7 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         "image": target.image,
         "command": command,
         "env": [
-            *_storage_env(spec),
+            *storage_env(spec),
             {"name": "TUNERY_FINETUNEJOB", "value": target.name},
             {"name": "TUNERY_NAMESPACE", "value": target.namespace},
             {"name": "TUNERY_REVISION", "value": target.revision},

@@ -15,6 +15,10 @@ class OperatorSettings(BaseSettings):
     """Namespaces to watch (comma-separated); empty watches the whole cluster."""
     trainer_image: str = "ghcr.io/tunery/trainer:0.1.0"
     """The trainer image for Jobs whose spec.image is empty."""
+    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    """The vLLM image for spec.serving.runtime vllm."""
+    serving_progress_deadline_seconds: int = Field(900, ge=10)
+    """How long a serving rollout may take before it is reported Failed (the previous model keeps serving)."""
     allow_image_override: bool = False
     """Whether spec.image may replace the trainer image."""
     workers: int = Field(20, ge=1)

@@ -1,0 +1,215 @@
+"""Build the serving children of a FineTuneJob: a Deployment (fetch init container + server) and its Service."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunery.api import contract
+from tunery.api.spec import FineTuneJobSpec
+from tunery.controller import naming
+from tunery.controller.render import owner_reference, storage_env
+
+MODEL_VOLUME = "model"
+MODEL_MOUNT = "/models"
+# The init container fetches the published model here; a model without merged weights also gets its base.
+MODEL_DIR = f"{MODEL_MOUNT}/current"
+SERVICE_PORT = 80
+
+
+def _restricted() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+@dataclass(frozen=True)
+class ServingTarget:
+    """What the builders need to serve one published model."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: FineTuneJobSpec
+    model_uri: str
+    model_revision: str
+    model_name: str
+    image: str
+    vllm_image: str
+    progress_deadline_seconds: int
+
+    @property
+    def deployment_name(self) -> str:
+        return naming.serving_name(self.name)
+
+    @property
+    def endpoint(self) -> str:
+        """The in-cluster base URL of the OpenAI-compatible API."""
+        return f"http://{self.deployment_name}.{self.namespace}.svc.cluster.local/v1"
+
+
+def render_serving_children(target: ServingTarget) -> list[dict[str, Any]]:
+    return [render_service(target), render_deployment(target)]
+
+
+def _metadata(target: ServingTarget) -> dict[str, Any]:
+    return {
+        "name": target.deployment_name,
+        "namespace": target.namespace,
+        "labels": naming.labels(target.name, None, "serving"),
+        "ownerReferences": [owner_reference(target.name, target.uid)],
+    }
+
+
+def render_service(target: ServingTarget) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(target),
+        "spec": {
+            "selector": _selector(target),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def _selector(target: ServingTarget) -> dict[str, str]:
+    return {naming.FINETUNEJOB_LABEL: target.name, "app.kubernetes.io/component": "serving"}
+
+
+def render_deployment(target: ServingTarget) -> dict[str, Any]:
+    """Rolling, never below the ready replicas: the previous model serves until the new one's pods are ready."""
+    serving = target.spec.serving
+    labels = {**naming.labels(target.name, None, "serving"), naming.MODEL_REVISION_LABEL: target.model_revision}
+    pod_spec: dict[str, Any] = {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": [_fetch_container(target)],
+        "containers": [_vllm_container(target) if serving.runtime == "vllm" else _builtin_container(target)],
+        "volumes": [
+            {"name": MODEL_VOLUME, "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+    }
+    if serving.resources.gpus:
+        pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(target),
+        "spec": {
+            "replicas": serving.replicas,
+            "selector": {"matchLabels": _selector(target)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "progressDeadlineSeconds": target.progress_deadline_seconds,
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"tunery.dev/model-uri": target.model_uri},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _fetch_container(target: ServingTarget) -> dict[str, Any]:
+    command = [
+        "tunery-trainer",
+        "fetch",
+        f"--uri={target.model_uri}",
+        f"--dest={MODEL_DIR}",
+        f"--addressing={target.spec.storage.addressing}",
+    ]
+    if target.spec.serving.runtime == "vllm":
+        # vLLM serves an unmerged adapter on top of its base model, which it then needs on disk too.
+        command.append("--with-base")
+    return {
+        "name": "fetch-model",
+        "image": target.image,
+        "command": command,
+        "env": [*storage_env(target.spec), {"name": "HOME", "value": "/tmp"}],
+        "volumeMounts": [
+            {"name": MODEL_VOLUME, "mountPath": MODEL_MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "securityContext": _restricted(),
+        "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _resources(target: ServingTarget) -> dict[str, Any]:
+    resources = target.spec.serving.resources
+    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
+    limits: dict[str, Any] = {"memory": resources.memory}
+    if resources.gpus:
+        gpu = target.spec.resources.gpu_resource
+        requests[gpu] = str(resources.gpus)
+        limits[gpu] = str(resources.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _server_container(target: ServingTarget, image: str, command: list[str], ready_path: str) -> dict[str, Any]:
+    return {
+        "name": "server",
+        "image": image,
+        "command": command,
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/var/cache/tunery/huggingface"}],
+        "ports": [{"name": "http", "containerPort": contract.SERVING_PORT}],
+        "resources": _resources(target),
+        "volumeMounts": [
+            {"name": MODEL_VOLUME, "mountPath": MODEL_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/var/cache/tunery"},
+            *([{"name": "dshm", "mountPath": "/dev/shm"}] if target.spec.serving.resources.gpus else []),
+        ],
+        # Loading a model can take minutes: the startup probe holds liveness off until it is up.
+        "startupProbe": {
+            "httpGet": {"path": ready_path, "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
+        "readinessProbe": {"httpGet": {"path": ready_path, "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz" if ready_path == "/readyz" else ready_path, "port": "http"}},
+        "securityContext": _restricted(),
+    }
+
+
+def _builtin_container(target: ServingTarget) -> dict[str, Any]:
+    command = [
+        "tunery",
+        "serve",
+        MODEL_DIR,
+        "--host=0.0.0.0",
+        f"--port={contract.SERVING_PORT}",
+        f"--name={target.model_name}",
+    ]
+    return _server_container(target, target.image, command, "/readyz")
+
+
+def _vllm_container(target: ServingTarget) -> dict[str, Any]:
+    """vLLM's OpenAI server on the merged model, or on the base model with the adapter (--enable-lora)."""
+    command = [
+        "/bin/sh",
+        "-c",
+        # The manifest says what was published; the merged model wins, an adapter is served on its base.
+        f'if [ -d {MODEL_DIR}/model ]; then exec vllm serve {MODEL_DIR}/model --served-model-name "$MODEL_NAME" '
+        f"--host 0.0.0.0 --port {contract.SERVING_PORT}; "
+        f'else exec vllm serve {MODEL_DIR}/base --enable-lora --lora-modules "$MODEL_NAME={MODEL_DIR}/adapter" '
+        f"--host 0.0.0.0 --port {contract.SERVING_PORT}; fi",
+    ]
+    container = _server_container(target, target.vllm_image, command, "/health")
+    container["env"].append({"name": "MODEL_NAME", "value": target.model_name})
+    return container

@@ -1,0 +1,1 @@
+"""The builtin OpenAI-compatible inference server behind `tunery serve`."""

@@ -1,0 +1,103 @@
+"""Every error the server returns, in OpenAI's shape, so that OpenAI clients raise their usual exceptions."""
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+
+class ApiError(Exception):
+    """An error answered to the client: HTTP status, message, the request field at fault (if any) and a code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = INVALID_REQUEST,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Replace FastAPI's default error bodies (and its 422 for validation) with OpenAI's shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        return validation_error(error.errors()).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, error: HTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            message = f"{request.method} {request.url.path}: no such endpoint; see /v1/models, /v1/completions, "
+            message += "/v1/chat/completions and /v1/classify"
+            return ApiError(404, message, code="not_found").response()
+        if error.status_code == 405:
+            return ApiError(405, f"{request.url.path} does not accept {request.method}").response()
+        kind = INVALID_REQUEST if error.status_code < 500 else SERVER_ERROR
+        return ApiError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        # The traceback goes to the log (uvicorn prints it); the client learns only that it was not its fault.
+        message = f"the server failed on this request ({type(error).__name__}); see the server log"
+        return ApiError(500, message, type=SERVER_ERROR).response()
+
+
+def validation_error(errors: Any) -> ApiError:
+    """The first pydantic error as a 400 naming the field at fault (`messages[0].content`), or the JSON problem."""
+    first = dict(next(iter(errors), {}))
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return bad_request(f"the request body is not valid JSON{': ' + detail if detail else ''}")
+    location = [part for part in first.get("loc", ()) if part != "body"]
+    param = field_path(location)
+    message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "missing":
+        message = "field required"
+    if first.get("type") == "model_attributes_type" or (not location and first.get("type") == "dict_type"):
+        return bad_request("the request body must be a JSON object")
+    return bad_request(f"{param}: {message}" if param else message, param)
+
+
+def field_path(location: list[Any]) -> str | None:
+    """Pydantic's location as a field path: ['messages', 0, 'content'] -> messages[0].content.
+
+    Union members that pydantic names in the location (str, list[str], function-after[...]) are left out.
+    """
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _is_field_name(part):
+            path += f".{part}" if path else part
+    return path or None
+
+
+def _is_field_name(part: Any) -> bool:
+    return isinstance(part, str) and part.replace("_", "").isalnum() and part not in ("str", "int", "list", "dict")
