@@ -90,6 +90,44 @@ def run(
 
 
 @app.command()
+def serve(
+    uri: Annotated[
+        str,
+        typer.Argument(help="A published model: s3://BUCKET/PREFIX/REV/, file:///PATH, pvc://CLAIM/PATH or a path."),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The model's id in the API (default: the manifest's name).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="Where to fetch an S3 model (default: a temporary directory).")
+    ] = None,
+    max_request_bytes: Annotated[
+        int, typer.Option("--max-request-bytes", min=1, help="Largest request body accepted (413 beyond).")
+    ] = 1024 * 1024,
+    max_tokens_limit: Annotated[
+        int, typer.Option("--max-tokens-limit", min=1, help="Most tokens one request may generate.")
+    ] = 512,
+) -> None:
+    """Serve a published model over an OpenAI-compatible HTTP API (see docs/serving.md)."""
+    # Imported here: the server needs torch and transformers, which the operator image does not have.
+    from tunery_server.cli import serve as serve_model
+    from tunery_server.source import SourceError
+
+    out = Console(highlight=False, soft_wrap=True, stderr=True)
+    try:
+        code = serve_model(uri, host, port, name, model_dir, max_request_bytes, max_tokens_limit)
+    except SourceError as exc:
+        out.print(f"[red]✗[/red] cannot serve {uri}")
+        out.print(f"    {exc}", markup=False)
+        raise typer.Exit(EXIT_UNREADABLE) from exc
+    if code != 0:
+        out.print("[red]✗[/red] the model failed to load; the reason is logged above")
+        raise typer.Exit(code)
+
+
+@app.command()
 def crd(
     output: Annotated[list[Path] | None, typer.Option("--output", "-o", help="Write the CRD to these files.")] = None,
 ) -> None:

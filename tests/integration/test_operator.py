@@ -45,7 +45,8 @@ def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
 
 def test_apply_trains_to_complete(kube: Kube, operator: OperatorProcess) -> None:
     kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "chat"))
-    body = wait_for(kube, operator, "chat", lambda status: status.get("phase") == "Succeeded")
+    # Ready also waits for the serving endpoint (kwok makes its pods ready at once).
+    body = wait_for(kube, operator, "chat", lambda status: condition(status, "Ready").get("status") == "True")
     kube.kubectl("wait", "-n", NAMESPACE, "--for=condition=Complete", "ftj/chat", "--timeout=10s")
     status = body["status"]
     assert condition(status, "Ready")["status"] == "True" and condition(status, "Stalled")["status"] == "False"
@@ -167,9 +168,10 @@ def test_multi_node_job_and_rendezvous_service(kube: Kube, operator: OperatorPro
     body = wait_for(kube, operator, "multi", lambda status: status.get("phase") == "Succeeded")
     name = f"multi-{body['status']['revision']}"
     [job] = children(kube, "jobs", "multi")
-    [service] = children(kube, "services", "multi")
+    services = {service["metadata"]["name"]: service for service in children(kube, "services", "multi")}
     assert job["spec"]["completionMode"] == "Indexed" and job["status"]["succeeded"] == 2
-    assert service["metadata"]["name"] == name and service["spec"]["clusterIP"] == "None"
+    # The rendezvous Service, and the serving one once the model is published.
+    assert set(services) <= {name, "multi-serving"} and services[name]["spec"]["clusterIP"] == "None"
     pods = json.loads(
         kube.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"batch.kubernetes.io/job-name={name}", "-o", "json").stdout
     )["items"]

@@ -129,7 +129,8 @@ def operator_status(
         "observedGeneration": observation.generation,
         "revision": observation.revision,
         "attempts": job_status.get("failed", 0) + job_status.get("succeeded", 0) + job_status.get("active", 0),
-        "startTime": job_status.get("startTime"),
+        # The Job controller may record its start after the pods are seen running; the first pod's start stands in.
+        "startTime": job_status.get("startTime") or _first_pod_start(observation.pods),
         "completionTime": job_status.get("completionTime"),
         "failure": {"reason": verdict.reason, "message": verdict.message} if verdict.phase == "Failed" else None,
         "serving": serving,
@@ -197,6 +198,11 @@ def _fetch_failure(pods: list[dict[str, Any]]) -> str | None:
                 reported = _trainer_message(terminated.get("message", ""))
                 return f"{reported[0]}: {reported[1]}" if reported else f"fetching the model failed ({terminated})"
     return None
+
+
+def _first_pod_start(pods: list[dict[str, Any]]) -> str | None:
+    starts = [pod.get("status", {}).get("startTime") for pod in pods]
+    return min((start for start in starts if start), default=None)
 
 
 def _condition(
