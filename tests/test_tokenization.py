@@ -1,0 +1,262 @@
+"""Token ids and labels: completion-only loss for prompts and chats, tag alignment to word pieces, packing."""
+
+import random
+from collections import Counter
+from itertools import groupby
+from typing import Any
+
+import pytest
+from tiny_models import decoder, minilm_path
+
+from tunery_trainer.tokenization import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, pack, tokenize
+
+# What the ChatML template puts after every message; an assistant turn's loss may cover it (it ends the turn).
+END_OF_TURN = "<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny Llama's byte-level BPE, as the trainer loads it for causal-lm: with the default chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(decoder(tmp_path_factory.mktemp("decoder")))
+    assert tokenizer.chat_template is None
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def wordpiece() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def one(task: str, tokenizer: Any, example: dict[str, Any], max_length: int = 512, labels=()) -> dict[str, Any]:
+    data = tokenize(task, tokenizer, [example], [], max_length, labels)
+    assert len(data.train) == 1 and data.truncated == 0
+    return data.train[0]
+
+
+def labelled_runs(tokenizer: Any, sequence: dict[str, list[int]]) -> list[str]:
+    """The text of each maximal run of tokens that carries a loss."""
+    runs = []
+    for has_loss, group in groupby(
+        zip(sequence["input_ids"], sequence["labels"], strict=True), lambda pair: pair[1] != IGNORE_INDEX
+    ):
+        pairs = list(group)
+        if has_loss:
+            assert all(token == label for token, label in pairs), "a labelled token must be its own target"
+            runs.append(tokenizer.decode([token for token, _ in pairs]))
+    return runs
+
+
+# Prompt and completion
+
+
+def test_prompt_carries_no_loss_and_completion_is_learnt_through_eos(tokenizer: Any) -> None:
+    prompt = "what colour is the sky?"
+    sequence = one("causal-lm", tokenizer, {"prompt": prompt, "completion": "blue"})
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids, labels = sequence["input_ids"], sequence["labels"]
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert labels[len(prompt_ids) :] == ids[len(prompt_ids) :]
+    assert len(ids) > len(prompt_ids) + 1
+    assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(ids[len(prompt_ids) : -1]).strip() == "blue"
+
+
+def test_prompt_completion_truncation_keeps_a_single_completion_token_and_drops_none_left(tokenizer: Any) -> None:
+    example = {"prompt": "what colour is the sky?", "completion": "blue sky"}
+    prompt_length = len(tokenizer(example["prompt"])["input_ids"])
+
+    kept = tokenize("causal-lm", tokenizer, [example], [], prompt_length + 1, [])
+    assert kept.truncated == 1
+    (sequence,) = kept.train
+    assert len(sequence["input_ids"]) == prompt_length + 1
+    assert [label for label in sequence["labels"] if label != IGNORE_INDEX] == sequence["input_ids"][-1:]
+
+    dropped = tokenize("causal-lm", tokenizer, [example], [example], prompt_length, [])
+    assert dropped.train == [] and dropped.validation == []
+    assert dropped.truncated == 2
+
+
+# Chat
+
+
+def test_chat_labels_exactly_the_assistant_turn(tokenizer: Any) -> None:
+    messages = [
+        {"role": "system", "content": "answer with a colour"},
+        {"role": "user", "content": "what colour is the sky?"},
+        {"role": "assistant", "content": "blue"},
+    ]
+    sequence = one("causal-lm", tokenizer, {"messages": messages})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert sequence["input_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert labelled_runs(tokenizer, sequence) == ["blue" + END_OF_TURN]
+    # Everything up to and including the assistant header is context.
+    header = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    unlabelled = [
+        token for token, label in zip(sequence["input_ids"], sequence["labels"], strict=True) if label == IGNORE_INDEX
+    ]
+    assert tokenizer.decode(unlabelled) == header
+
+
+def test_chat_labels_every_assistant_turn_and_no_user_text(tokenizer: Any) -> None:
+    messages = [
+        {"role": "user", "content": "what colour is the sky?"},
+        {"role": "assistant", "content": "blue"},
+        {"role": "user", "content": "and the grass?"},
+        {"role": "assistant", "content": "green ."},
+    ]
+    sequence = one("causal-lm", tokenizer, {"messages": messages})
+    runs = labelled_runs(tokenizer, sequence)
+    assert runs == ["blue" + END_OF_TURN, "green ." + END_OF_TURN]
+    assert not any(word in "".join(runs) for word in ("sky", "grass", "user", "assistant"))
+
+
+def test_chat_labels_by_position_not_by_text(tokenizer: Any) -> None:
+    """A user turn with the assistant's words must stay unlabelled: the spans come from the template, not a search."""
+    messages = [
+        {"role": "user", "content": "blue"},
+        {"role": "assistant", "content": "blue"},
+        {"role": "user", "content": "blue"},
+    ]
+    sequence = one("causal-lm", tokenizer, {"messages": messages})
+    assert labelled_runs(tokenizer, sequence) == ["blue" + END_OF_TURN]
+    first_assistant = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    prefix = len(tokenizer(first_assistant, add_special_tokens=False)["input_ids"])
+    assert set(sequence["labels"][:prefix]) == {IGNORE_INDEX}
+    assert sequence["labels"][-1] == IGNORE_INDEX
+
+
+def test_chat_without_an_assistant_turn_is_dropped(tokenizer: Any) -> None:
+    data = tokenize("causal-lm", tokenizer, [{"messages": [{"role": "user", "content": "hello"}]}], [], 512, [])
+    assert data.train == []
+
+
+# Plain text
+
+
+def test_text_learns_every_token_and_ends_with_eos(tokenizer: Any) -> None:
+    sequence = one("causal-lm", tokenizer, {"text": "two apple is red ."})
+    assert sequence["labels"] == sequence["input_ids"]
+    assert sequence["input_ids"] == tokenizer("two apple is red .")["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_text_truncation_is_counted_over_train_and_validation(tokenizer: Any) -> None:
+    short, long = {"text": "red"}, {"text": "one apple is red . two sky is blue . three grass is green ."}
+    data = tokenize("causal-lm", tokenizer, [short, long], [long], 6, [])
+    assert data.truncated == 2
+    assert [len(sequence["input_ids"]) for sequence in data.train] == [2, 6]
+    assert [len(sequence["input_ids"]) for sequence in data.validation] == [6]
+    truncated = data.train[1]
+    assert truncated["input_ids"] == tokenizer(long["text"])["input_ids"][:6]
+    assert truncated["labels"] == truncated["input_ids"]
+
+
+def test_text_truncated_to_one_token_is_dropped(tokenizer: Any) -> None:
+    """A lone token predicts nothing."""
+    data = tokenize("causal-lm", tokenizer, [{"text": "one apple is red ."}], [], 1, [])
+    assert data.train == [] and data.truncated == 1
+
+
+# Classification and masked LM
+
+
+def test_token_classification_tags_the_first_word_piece_only(wordpiece: Any) -> None:
+    words = ["Tunery", "learns", "photosynthesis"]
+    assert wordpiece.tokenize("Tunery") == ["tune", "##ry"]
+    assert wordpiece.tokenize("learns") == ["learns"]
+    assert wordpiece.tokenize("photosynthesis") == ["photos", "##yn", "##thesis"]
+    labels = ["O", "B-ORG", "B-MISC"]
+    sequence = one(
+        "token-classification", wordpiece, {"tokens": words, "tags": ["B-ORG", "O", "B-MISC"]}, labels=labels
+    )
+    tokens = wordpiece.convert_ids_to_tokens(sequence["input_ids"])
+    assert tokens == ["[CLS]", "tune", "##ry", "learns", "photos", "##yn", "##thesis", "[SEP]"]
+    assert sequence["labels"] == [IGNORE_INDEX, 1, IGNORE_INDEX, 0, 2, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_token_classification_truncates_ids_and_labels_together(wordpiece: Any) -> None:
+    example = {"tokens": ["Tunery", "learns", "photosynthesis"], "tags": ["B-ORG", "O", "B-MISC"]}
+    data = tokenize("token-classification", wordpiece, [example], [], 5, ["O", "B-ORG", "B-MISC"])
+    assert data.truncated == 1
+    (sequence,) = data.train
+    assert len(sequence["input_ids"]) == len(sequence["labels"]) == 5
+    assert sequence["labels"] == [IGNORE_INDEX, 1, IGNORE_INDEX, 0, 2]
+
+
+def test_sequence_classification_label_ids_follow_label_names(wordpiece: Any) -> None:
+    train = [{"text": "the sky is blue", "label": "pos"}, {"text": "grass is red", "label": "neg"}]
+    validation = [{"text": "plums", "label": "neutral"}]
+    data = tokenize("sequence-classification", wordpiece, train, validation, 512, ["neg", "pos", "neutral"])
+    assert [sequence["label"] for sequence in data.train + data.validation] == [1, 0, 2]
+    assert data.train[0]["input_ids"] == wordpiece("the sky is blue")["input_ids"]
+    assert "labels" not in data.train[0]
+    reordered = tokenize("sequence-classification", wordpiece, train, validation, 512, ["neutral", "neg", "pos"])
+    assert [sequence["label"] for sequence in reordered.train + reordered.validation] == [2, 1, 0]
+
+
+def test_masked_lm_keeps_ids_only_and_truncates(wordpiece: Any) -> None:
+    data = tokenize("masked-lm", wordpiece, [{"text": "the sky is blue and the grass is green"}], [], 4, [])
+    assert data.truncated == 1
+    assert data.train == [{"input_ids": wordpiece("the sky is blue and the grass is green")["input_ids"][:4]}]
+
+
+# Packing
+
+
+def documents(count: int, shortest: int, longest: int, seed: int = 0) -> list[dict[str, list[int]]]:
+    """Documents whose tokens name them (document * 1000 + position), with some unlabelled prompt tokens."""
+    generator = random.Random(seed)
+    result = []
+    for number in range(count):
+        ids = [number * 1000 + position for position in range(generator.randint(shortest, longest))]
+        prompt = generator.randint(0, 3)
+        result.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return result
+
+
+def test_pack_keeps_every_document_whole_and_marks_its_boundaries() -> None:
+    docs = documents(200, 5, 60)
+    rows = pack(docs, 256)
+    assert all(len(row["input_ids"]) <= 256 for row in rows)
+    assert Counter(token for row in rows for token in row["input_ids"]) == Counter(
+        token for doc in docs for token in doc["input_ids"]
+    )
+    seen = set()
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == len(row["document_ids"])
+        assert row["document_ids"][0] == 0 and row["position_ids"][0] == 0
+        document_ids = row["document_ids"]
+        for previous, current in zip(document_ids, document_ids[1:], strict=False):
+            assert current - previous in (0, 1)
+        for document in range(document_ids[-1] + 1):
+            span = [index for index, owner in enumerate(document_ids) if owner == document]
+            ids = [row["input_ids"][index] for index in span]
+            number = ids[0] // 1000
+            assert number not in seen
+            seen.add(number)
+            doc = docs[number]
+            assert ids == doc["input_ids"]
+            assert [row["position_ids"][index] for index in span] == list(range(len(ids)))
+            assert [row["labels"][index] for index in span] == [IGNORE_INDEX, *doc["labels"][1:]]
+    assert seen == set(range(len(docs)))
+
+
+def test_pack_fills_rows() -> None:
+    docs = documents(200, 5, 60, seed=1)
+    rows = pack(docs, 256)
+    tokens = sum(len(doc["input_ids"]) for doc in docs)
+    assert tokens / (len(rows) * 256) > 0.9
+
+
+def test_pack_gives_a_full_length_document_its_own_row() -> None:
+    docs = [{"input_ids": [1] * 8, "labels": [1] * 8}, {"input_ids": [2] * 3, "labels": [2] * 3}]
+    rows = pack(docs + [{"input_ids": [3] * 5, "labels": [3] * 5}], 8)
+    assert [row["input_ids"] for row in rows] == [[1] * 8, [3] * 5 + [2] * 3]
+    assert rows[1]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert rows[1]["labels"] == [IGNORE_INDEX, 3, 3, 3, 3, IGNORE_INDEX, 2, 2]
+    assert pack([], 8) == []
