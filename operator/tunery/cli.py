@@ -111,13 +111,23 @@ def serve(
     ] = 512,
 ) -> None:
     """Serve a published model over an OpenAI-compatible HTTP API (see docs/serving.md)."""
-    # Imported here: the server needs torch and transformers, which the operator image does not have.
-    from tunery_server.cli import serve as serve_model
-    from tunery_server.source import SourceError
-
     out = Console(highlight=False, soft_wrap=True, stderr=True)
+
+    def missing(exc: ModuleNotFoundError) -> typer.Exit:
+        out.print(f"[red]✗[/red] tunery serve needs {exc.name}, which is not installed here")
+        out.print("    run it from the trainer image, or install the server: pip install 'tunery[serve]'", markup=False)
+        return typer.Exit(EXIT_INVALID)
+
+    try:
+        # Imported here: the server needs boto3, torch and FastAPI, which the operator image does not have.
+        from tunery_server.cli import serve as serve_model
+        from tunery_server.source import SourceError
+    except ModuleNotFoundError as exc:
+        raise missing(exc) from exc
     try:
         code = serve_model(uri, host, port, name, model_dir, max_request_bytes, max_tokens_limit)
+    except ModuleNotFoundError as exc:
+        raise missing(exc) from exc
     except SourceError as exc:
         out.print(f"[red]✗[/red] cannot serve {uri}")
         out.print(f"    {exc}", markup=False)

@@ -70,19 +70,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def validation_error(errors: Any) -> ApiError:
-    """The first pydantic error as a 400 naming the field at fault (`messages[0].content`), or the JSON problem."""
-    first = dict(next(iter(errors), {}))
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
+    """The most telling pydantic error as a 400 naming the field at fault (`messages[0].content`)."""
+    error = _most_telling(list(errors))
+    kind = error.get("type")
+    if kind == "json_invalid":
+        detail = (error.get("ctx") or {}).get("error", "")
         return bad_request(f"the request body is not valid JSON{': ' + detail if detail else ''}")
-    location = [part for part in first.get("loc", ()) if part != "body"]
+    location = [part for part in error.get("loc", ()) if part != "body"]
+    if not location and kind == "missing":
+        return bad_request("the request body is empty: send a JSON object")
+    if not location or kind == "model_attributes_type":
+        return bad_request("the request body must be a JSON object, sent with Content-Type: application/json")
     param = field_path(location)
-    message = str(first.get("msg", "invalid request"))
-    if first.get("type") == "missing":
-        message = "field required"
-    if first.get("type") == "model_attributes_type" or (not location and first.get("type") == "dict_type"):
-        return bad_request("the request body must be a JSON object")
+    message = "field required" if kind == "missing" else str(error.get("msg", "invalid value"))
     return bad_request(f"{param}: {message}" if param else message, param)
+
+
+def _most_telling(errors: list[Any]) -> dict[str, Any]:
+    """Skip 'not a string' from the string member of a union (`str | list[str]`) when its other member said more."""
+
+    def field(error: Any) -> Any:
+        return next((part for part in error.get("loc", ()) if part != "body"), None)
+
+    for error in errors:
+        said_more = any(other is not error and field(other) == field(error) for other in errors)
+        if error.get("type") == "string_type" and "str" in error.get("loc", ()) and said_more:
+            continue
+        return dict(error)
+    return dict(errors[0]) if errors else {}
 
 
 def field_path(location: list[Any]) -> str | None:

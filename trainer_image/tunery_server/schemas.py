@@ -34,6 +34,7 @@ class Sampling(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("n")
     @classmethod
@@ -54,12 +55,15 @@ class Sampling(Request):
         return [stop for stop in stops if stop]
 
     def requested_max_tokens(self) -> int | None:
-        raise NotImplementedError
+        return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        """The field that set the generation's length, for error messages."""
+        return "max_tokens"
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -70,9 +74,6 @@ class CompletionRequest(Sampling):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
 
 
 class TextPart(BaseModel):
@@ -96,7 +97,6 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
     # OpenAI's newer name for max_tokens; either may be sent.
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
 
