@@ -72,8 +72,6 @@ def test_a_new_model_changes_the_pod_template_and_a_replica_change_does_not() ->
 
 def test_vllm_serves_the_merged_model_or_the_adapter_on_its_base() -> None:
     _, deployment = render_serving_children(target("vllm", resources={"gpus": 1, "cpu": "8", "memory": "32Gi"}))
-    (fetch,) = deployment["spec"]["template"]["spec"]["initContainers"]
-    assert "--with-base" in fetch["command"]
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     script = server["command"][-1]
     assert f"vllm serve {MODEL_DIR}/model" in script and "--enable-lora --lora-modules" in script

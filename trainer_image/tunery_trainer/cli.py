@@ -17,7 +17,7 @@ from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import failures
 from tunery_trainer.data import DataError, prepare
 from tunery_trainer.failures import UnsupportedError
-from tunery_trainer.storage import S3Settings, Storage, StorageError
+from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage, StorageError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tunery's trainer (the container entrypoint).")
 
@@ -86,19 +86,23 @@ def fetch(
     attempts: Annotated[int, typer.Option("--attempts", min=1, help="Tries when the storage cannot be reached.")] = 5,
     addressing: Annotated[str, typer.Option("--addressing", help="S3 addressing: auto, path or virtual.")] = "auto",
 ) -> None:
-    """Fetch a published model, verified against its manifest (the serving init container)."""
+    """Fetch a published model, verified against its manifest (the serving init container).
+
+    A model published as an adapter alone (prompt or prefix tuning, or mergeAdapter false) also gets its base
+    model, into DEST/base: the server container has no storage credentials of its own.
+    """
     settings = S3Settings(os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_REGION", "us-east-1"), addressing)
     try:
-        manifest = _with_retries(lambda: _fetch_model(Storage(settings), uri, dest, with_base), attempts)
+        manifest = _with_retries(lambda: _fetch_model(Storage(settings), uri, dest), attempts)
     except StorageError as error:
         _fail(error.reason, error.message, failures.exit_code(error))
     typer.echo(json.dumps({"model": uri, "files": len(manifest["files"]), "dest": str(dest)}))
 
 
-def _fetch_model(storage: Storage, uri: str, dest: Path, with_base: bool) -> dict:
+def _fetch_model(storage: Storage, uri: str, dest: Path) -> dict:
     storage.fetch_published(uri, dest)
-    manifest = storage.read_manifest(uri) or {}
-    if with_base and not manifest.get("model") and manifest.get("baseModel"):
+    manifest = json.loads((dest / MANIFEST_NAME).read_text())
+    if not manifest.get("model") and manifest.get("baseModel"):
         base = manifest["baseModel"]
         storage.fetch(base if base.endswith("/") else base + "/", dest / "base")
     return manifest

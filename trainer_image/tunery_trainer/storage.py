@@ -100,7 +100,7 @@ class Storage:
             ]
 
     def fetch_published(self, uri: str, destination: Path) -> list[Path]:
-        """Fetch the files a published directory's manifest lists, refusing a directory without one or a mismatch."""
+        """Fetch a published directory's files and manifest, refusing a directory without one or a file that differs."""
         prefix = _as_prefix(uri)
         manifest = self.read_manifest(prefix)
         if manifest is None:
@@ -125,6 +125,8 @@ class Storage:
                         "ModelIncomplete", f"{prefix}{entry['path']} is missing or differs from the manifest"
                     )
                 files.append(target)
+        # The copy describes itself like the original (what it holds, its task and labels).
+        (destination / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         return files
 
     def children(self, uri: str) -> list[str]:

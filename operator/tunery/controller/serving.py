@@ -10,7 +10,7 @@ from tunery.controller.render import owner_reference, storage_env
 
 MODEL_VOLUME = "model"
 MODEL_MOUNT = "/models"
-# The init container fetches the published model here; a model without merged weights also gets its base.
+# The init container fetches the published model here; a model without merged weights also gets its base (base/).
 MODEL_DIR = f"{MODEL_MOUNT}/current"
 SERVICE_PORT = 80
 
@@ -131,9 +131,6 @@ def _fetch_container(target: ServingTarget) -> dict[str, Any]:
         f"--dest={MODEL_DIR}",
         f"--addressing={target.spec.storage.addressing}",
     ]
-    if target.spec.serving.runtime == "vllm":
-        # vLLM serves an unmerged adapter on top of its base model, which it then needs on disk too.
-        command.append("--with-base")
     return {
         "name": "fetch-model",
         "image": target.image,
