@@ -381,3 +381,41 @@ def test_an_operator_upgrade_to_another_trainer_image_leaves_running_revisions_a
     finally:
         upgraded.stop()
         operator.start()
+
+
+@pytest.mark.slow
+def test_real_training_reports_progress_metrics_and_checkpoints_into_the_status(
+    kube: Kube, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """The trainer's whole reporting path, as in a pod: real steps on a tiny model, the trainer's own token."""
+    from tiny_models import decoder, sentences, write_jsonl
+
+    from tunery.local_run import local_config
+    from tunery_trainer.job import run
+
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "live", suspend=True))
+    wait_for(kube, operator, "live", lambda status: status.get("phase") == "Suspended")
+    base = decoder(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(80)])
+    config = local_config(
+        {
+            "apiVersion": "tunery.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "live", "namespace": NAMESPACE},
+            "spec": {
+                "baseModel": {"uri": f"file://{base}/"},
+                "dataset": {"train": f"file://{data}", "maxLength": 64},
+                "hyperparameters": {"maxSteps": 8, "batchSize": 4},
+                "evaluation": {"everySteps": 4},
+                "checkpoints": {"everySteps": 4, "keep": 1},
+                "output": {"uri": f"file://{tmp_path}/out/"},
+                "resources": {"gpus": 0},
+            },
+        }
+    )
+    run(config, tmp_path / "work", status=ProgressReporter(trainer_endpoint(kube, "live"), min_interval_s=0))
+    status = json.loads(kube.kubectl("get", "ftj", "live", "-n", NAMESPACE, "-o", "json").stdout)["status"]
+    assert status["progress"]["step"] == 8 and status["progress"]["percent"] == 100
+    assert {"trainLoss", "learningRate", "evalLoss", "tokensPerSecond"} <= set(status["metrics"])
+    assert [checkpoint["step"] for checkpoint in status["checkpoints"]] == [8]
+    assert status["checkpoints"][0]["uri"].endswith("/checkpoints/step-00000008/")
