@@ -216,7 +216,7 @@ def load(source: Source, workdir: Path) -> ServedModel:
     """Fetch the published model if remote and load it: model/ when there is one, else the base with adapter/."""
     from transformers import AutoTokenizer
 
-    from tunery_trainer.modeling import auto_class
+    from tunery_trainer.modeling import auto_class, label_arguments
 
     manifest = source.manifest
     task = manifest["task"]  # one that locate() accepted
@@ -232,15 +232,8 @@ def load(source: Source, workdir: Path) -> ServedModel:
         from peft import PeftModel
 
         tokenizer_dir = root / manifest["adapter"]
-        label_args: dict[str, Any] = {}
-        if labels:
-            label_args = {
-                "num_labels": len(labels),
-                "id2label": dict(enumerate(labels)),
-                "label2id": {name: index for index, name in enumerate(labels)},
-            }
         base_dir = fetch_base_model(manifest.get("baseModel"), root, workdir)
-        base = auto.from_pretrained(base_dir, dtype=dtype, **label_args)
+        base = auto.from_pretrained(base_dir, dtype=dtype, **label_arguments(labels))
         model = PeftModel.from_pretrained(base, tokenizer_dir)
     else:
         raise SourceError(f"{source.uri}: the manifest lists neither a model/ nor an adapter/ directory present here")

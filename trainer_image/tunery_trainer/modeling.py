@@ -65,19 +65,24 @@ def auto_class(task: Task):
     }[task]
 
 
+def label_arguments(label_names: Sequence[str]) -> dict[str, Any]:
+    """The config overrides that give a classifier its label map (none for language models)."""
+    if not label_names:
+        return {}
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: index for index, name in enumerate(label_names)},
+    }
+
+
 def load_model(
     spec: FineTuneJobSpec, model_dir: Path | None, tokenizer: Any, label_names: Sequence[str], device: torch.device
 ):
     """The base model (or a fresh one from the architecture and config), with the method applied."""
     from transformers import AutoConfig
 
-    label_args: dict[str, Any] = {}
-    if label_names:
-        label_args = {
-            "num_labels": len(label_names),
-            "id2label": dict(enumerate(label_names)),
-            "label2id": {name: index for index, name in enumerate(label_names)},
-        }
+    label_args = label_arguments(label_names)
     if model_dir is None:
         config = AutoConfig.for_model(
             spec.base_model.architecture,

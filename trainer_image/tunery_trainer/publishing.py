@@ -8,7 +8,7 @@ from typing import Any
 from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.model_card import write_model_card
-from tunery_trainer.modeling import ADAPTER_METHODS, MERGEABLE_METHODS, auto_class
+from tunery_trainer.modeling import ADAPTER_METHODS, MERGEABLE_METHODS, auto_class, label_arguments
 from tunery_trainer.storage import Storage
 
 MODEL_DIR = "model"
@@ -81,9 +81,8 @@ def _merged(config: TrainerConfig, adapter_dir: Path, base_model_dir: Path, labe
     """The adapter folded into a fresh full-precision copy of the base (never into a quantised one)."""
     from peft import PeftModel
 
-    label_args = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names))} if label_names else {}
     base = auto_class(config.spec.task).from_pretrained(
-        base_model_dir, trust_remote_code=config.spec.base_model.trust_remote_code, **label_args
+        base_model_dir, trust_remote_code=config.spec.base_model.trust_remote_code, **label_arguments(label_names)
     )
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 

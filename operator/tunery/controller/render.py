@@ -189,6 +189,27 @@ def _resources(target: TrainingTarget) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
+def restricted_pod_security() -> dict[str, Any]:
+    """The pod-level half of the restricted Pod Security Standard, as user 1000 of the Tunery images."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def restricted_container_security() -> dict[str, Any]:
+    """The container-level half: no privilege escalation, no capabilities, a read-only root."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
 def render_job(target: TrainingTarget) -> dict[str, Any]:
     """The batch/v1 Job that trains one revision: Indexed across nodes, restricted security, final exit codes not retried."""
     spec = target.spec
@@ -223,24 +244,13 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": restricted_container_security(),
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_pod_security(),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": naming.config_map_name(target.name, target.revision)}},

@@ -6,22 +6,18 @@ from typing import Any
 from tunery.api import contract
 from tunery.api.spec import FineTuneJobSpec
 from tunery.controller import naming
-from tunery.controller.render import owner_reference, storage_env
+from tunery.controller.render import (
+    owner_reference,
+    restricted_container_security,
+    restricted_pod_security,
+    storage_env,
+)
 
 MODEL_VOLUME = "model"
 MODEL_MOUNT = "/models"
 # The init container fetches the published model here; a model without merged weights also gets its base (base/).
 MODEL_DIR = f"{MODEL_MOUNT}/current"
 SERVICE_PORT = 80
-
-
-def _restricted() -> dict[str, Any]:
-    return {
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "runAsNonRoot": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
 
 
 @dataclass(frozen=True)
@@ -83,13 +79,7 @@ def render_deployment(target: ServingTarget) -> dict[str, Any]:
     serving = target.spec.serving
     labels = {**naming.labels(target.name, None, "serving"), naming.MODEL_REVISION_LABEL: target.model_revision}
     pod_spec: dict[str, Any] = {
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": 1000,
-            "runAsGroup": 1000,
-            "fsGroup": 1000,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_pod_security(),
         "initContainers": [_fetch_container(target)],
         "containers": [_vllm_container(target) if serving.runtime == "vllm" else _builtin_container(target)],
         "volumes": [
@@ -141,7 +131,7 @@ def _fetch_container(target: ServingTarget) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
-        "securityContext": _restricted(),
+        "securityContext": restricted_container_security(),
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -180,7 +170,7 @@ def _server_container(target: ServingTarget, image: str, command: list[str], rea
         },
         "readinessProbe": {"httpGet": {"path": ready_path, "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/healthz" if ready_path == "/readyz" else ready_path, "port": "http"}},
-        "securityContext": _restricted(),
+        "securityContext": restricted_container_security(),
     }
 
 
