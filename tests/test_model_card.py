@@ -80,14 +80,6 @@ def test_the_spec_round_trips_through_the_yaml_block(tmp_path: Path) -> None:
     assert "credentialsSecret: s3-creds" in readme
 
 
-def test_keys_that_could_hold_secret_values_are_left_out(tmp_path: Path) -> None:
-    spec = example_spec("lora-sft-chat.yaml")
-    spec["storage"] |= {"secretAccessKey": "do-not-publish", "password": "hunter2"}
-    readme = write_card(tmp_path, spec)
-    assert "do-not-publish" not in readme and "hunter2" not in readme
-    assert yaml.safe_load(fenced_block(readme, "yaml"))["storage"]["credentialsSecret"] == "s3-creds"
-
-
 def test_data_and_results_tables(tmp_path: Path) -> None:
     readme = write_card(tmp_path, example_spec("lora-sft-chat.yaml"))
     assert "## Data\n\n| Statistic | Value |\n| --- | --- |\n| trainExamples | 900 |" in readme

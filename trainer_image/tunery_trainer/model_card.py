@@ -2,7 +2,6 @@
 
 import math
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -16,8 +15,6 @@ AUTO_CLASSES = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
 }
-# Key fragments of secret values; a key that merely names a Secret (credentialsSecret) is kept.
-SECRET_KEY_FRAGMENTS = ("password", "accesskey", "secretkey", "privatekey", "apikey", "authtoken", "accesstoken")
 
 
 def write_model_card(
@@ -49,7 +46,7 @@ def write_model_card(
         sections += ["## Training loss", f"![loss curve]({LOSS_CURVE})"]
     sections += [
         "## Training configuration",
-        fenced("yaml", yaml.safe_dump(without_secret_values(spec), sort_keys=False)),
+        fenced("yaml", yaml.safe_dump(spec, sort_keys=False)),
         "## Usage",
         fenced("python", usage_snippet(task, method, base_model)),
     ]
@@ -72,20 +69,6 @@ def markdown_table(header: tuple[str, str], rows: list[tuple[str, str]]) -> str:
 
 def fenced(language: str, text: str) -> str:
     return f"```{language}\n{text.rstrip()}\n```"
-
-
-def without_secret_values(value: Any) -> Any:
-    """The spec with any key that could hold a secret value dropped, at every depth."""
-    if isinstance(value, dict):
-        return {key: without_secret_values(item) for key, item in value.items() if not _names_secret_value(key)}
-    if isinstance(value, list):
-        return [without_secret_values(item) for item in value]
-    return value
-
-
-def _names_secret_value(key: str) -> bool:
-    folded = key.lower().replace("_", "").replace("-", "")
-    return any(fragment in folded for fragment in SECRET_KEY_FRAGMENTS)
 
 
 def usage_snippet(task: str, method: str, base_model: str) -> str:
