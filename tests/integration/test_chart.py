@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO_ROOT, Kube
 from localenv import tools
@@ -118,3 +119,137 @@ def test_anything_outside_the_rules_is_denied(installed: Kube, tmp_path: Path) -
             timeout=60,
         )
         assert result.returncode != 0 and "forbidden" in result.stderr.lower(), (args, result.stderr)
+
+
+MONITORING = [
+    "--set",
+    "monitoring.serviceMonitor.enabled=true",
+    "--set",
+    "monitoring.podMonitor.enabled=true",
+    "--set",
+    "monitoring.prometheusRule.enabled=true",
+]
+GOLDEN = REPO_ROOT / "tests" / "golden"
+RULES = CHART / "rules" / "tunery-alerts.yaml"
+
+
+def rendered(kube: Kube, *values: str) -> dict[str, list[dict]]:
+    """`helm template` parsed, by kind: the monitoring.coreos.com CRDs are not in the local cluster to apply to."""
+    text = helm(kube, "template", "tunery", str(CHART), "-n", RELEASE_NAMESPACE, "--kube-version", "1.34.4", *values)
+    by_kind: dict[str, list[dict]] = {}
+    for document in yaml.safe_load_all(text.stdout):
+        if document:
+            by_kind.setdefault(document["kind"], []).append(document)
+    return by_kind
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, and matchExpressions with In and Exists) against labels."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        operator, key = expression["operator"], expression["key"]
+        if (operator == "Exists" and key not in labels) or (
+            operator == "In" and labels.get(key) not in expression["values"]
+        ):
+            return False
+    return True
+
+
+def golden_pod(file: str, kind: str) -> dict:
+    """The pod template the operator renders (the golden files of tests/test_render*.py)."""
+    documents = [doc for doc in yaml.safe_load_all((GOLDEN / file).read_text()) if doc and doc["kind"] == kind]
+    return documents[0]["spec"]["template"]
+
+
+def test_lint_strict_with_monitoring(kube: Kube) -> None:
+    helm(kube, "lint", "--strict", str(CHART), *MONITORING)
+
+
+def test_monitoring_objects_are_off_by_default_but_the_dashboard(kube: Kube) -> None:
+    by_kind = rendered(kube)
+    assert not {"ServiceMonitor", "PodMonitor", "PrometheusRule"} & set(by_kind)
+    (dashboard,) = [cm for cm in by_kind["ConfigMap"] if cm["metadata"]["name"] == "tunery-operator-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert json.loads(dashboard["data"]["tunery.json"]) == json.loads(
+        (CHART / "dashboards" / "tunery.json").read_text()
+    )
+    assert "ConfigMap" not in rendered(kube, "--set", "monitoring.dashboard.enabled=false")
+
+
+def test_service_monitor_scrapes_the_operator_service_as_tunery_operator(kube: Kube) -> None:
+    by_kind = rendered(kube, *MONITORING, "--set", "monitoring.serviceMonitor.labels.release=kps")
+    (monitor,) = by_kind["ServiceMonitor"]
+    (service,) = by_kind["Service"]
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [RELEASE_NAMESPACE]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {port["name"] for port in service["spec"]["ports"]}
+    # The FineTuneJob's namespace label must survive the scrape; the alert looks for this job name.
+    assert endpoint["honorLabels"] is True
+    assert {"targetLabel": "job", "replacement": "tunery-operator"} in endpoint["relabelings"]
+    assert 'up{job="tunery-operator"}' in RULES.read_text()
+
+
+def test_pod_monitor_scrapes_training_and_serving_pods_on_their_ports(kube: Kube) -> None:
+    (monitor,) = rendered(kube, *MONITORING)["PodMonitor"]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    endpoints = {endpoint["port"]: endpoint for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+    for file, kind, component, port in (
+        ("lora-sft-chat.yaml", "Job", "trainer", "metrics"),
+        ("qlora-multinode.yaml", "Job", "trainer", "metrics"),
+        ("serving-builtin.yaml", "Deployment", "serving", "http"),
+    ):
+        pod = golden_pod(file, kind)
+        assert selects(monitor["spec"]["selector"], pod["metadata"]["labels"]), file
+        assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        assert port in {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}, file
+        relabelings = endpoints[port]["relabelings"]
+        assert {"action": "keep", "regex": component} in [
+            {"action": r.get("action"), "regex": r.get("regex")} for r in relabelings
+        ]
+        assert {
+            "sourceLabels": ["__meta_kubernetes_pod_label_tunery_dev_finetunejob"],
+            "targetLabel": "finetunejob",
+        } in relabelings
+    assert endpoints["metrics"]["honorLabels"] is True and endpoints["http"]["path"] == "/metrics"
+    watched = rendered(kube, *MONITORING, "--set", "watchNamespaces={a,b}")["PodMonitor"][0]
+    assert watched["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
+
+
+def test_prometheus_rule_is_the_rules_file_with_the_stall_threshold_set(kube: Kube) -> None:
+    source = yaml.safe_load(RULES.read_text())
+    (default,) = rendered(kube, *MONITORING)["PrometheusRule"]
+    assert default["spec"] == source
+    (custom,) = rendered(
+        kube,
+        *MONITORING,
+        "--set",
+        "monitoring.prometheusRule.stalledMinutes=45",
+        "--set",
+        "monitoring.prometheusRule.labels.release=kps",
+    )["PrometheusRule"]
+    assert custom["metadata"]["labels"]["release"] == "kps"
+    stalled = [
+        rule
+        for group in custom["spec"]["groups"]
+        for rule in group["rules"]
+        if rule["alert"] == "TuneryTrainingStalled"
+    ]
+    assert "> 45 * 60" in stalled[0]["expr"] and "30 * 60" not in stalled[0]["expr"]
+
+
+def test_dashboard_config_map_is_accepted_by_the_api_server(kube: Kube) -> None:
+    kube.kubectl("create", "namespace", "monitoring", check=False)
+    values = [
+        "--set",
+        "monitoring.dashboard.namespace=monitoring",
+        "--set",
+        "monitoring.dashboard.annotations.grafana_folder=Tunery",
+    ]
+    (dashboard,) = [cm for cm in rendered(kube, *values)["ConfigMap"] if cm["metadata"]["name"].endswith("-dashboard")]
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["annotations"] == {"grafana_folder": "Tunery"}
+    kube.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(dashboard))
