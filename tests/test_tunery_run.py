@@ -63,6 +63,53 @@ def test_two_processes_under_torchrun_publish_one_model(tmp_path: Path) -> None:
     assert result.stderr.count("data: ") == 2, "both ranks prepare the data"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp_trains_like_ddp_and_resumes_exactly(tmp_path: Path, method: str) -> None:
+    """Sharding changes where the weights live, not the arithmetic: the same losses and weights as DDP."""
+    base = decoder(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(120)])
+    published: dict[str, Path] = {}
+    for strategy in ("ddp", "fsdp"):
+        run_dir = tmp_path / strategy
+        run_dir.mkdir()
+        job = manifest(run_dir, f"file://{base}/", f"file://{data}", resources=f", strategy: {strategy}")
+        job.write_text(
+            job.read_text()
+            .replace("type: lora", f"type: {method}")
+            .replace("keep: 1", "keep: 2")
+            .replace("batchSize: 4", "batchSize: 2, gradientAccumulationSteps: 2")
+        )
+        result = run_cli(str(job), "--processes=2", env={"OUT_DIR": str(run_dir)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stderr.count("sharded the model across 2 processes") == (2 if strategy == "fsdp" else 0)
+        (published[strategy],) = (run_dir / "out").iterdir()
+    ddp, fsdp = (json.loads((published[name] / "metrics.json").read_text())["trainLoss"] for name in ("ddp", "fsdp"))
+    assert [step for step, _ in fsdp] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in fsdp] == pytest.approx([loss for _, loss in ddp], rel=1e-4)
+    assert_same_weights(published["ddp"] / "model", published["fsdp"] / "model")
+
+    # Lose the last checkpoint and the published model: the run resumes from step 3's sharded state.
+    shutil.rmtree(published["fsdp"] / "checkpoints" / "step-00000006")
+    (published["fsdp"] / "tunery-manifest.json").unlink()
+    shutil.move(published["fsdp"] / "model", tmp_path / "first-model")
+    result = run_cli(str(tmp_path / "fsdp" / "job.yaml"), "--processes=2", env={"OUT_DIR": str(tmp_path / "fsdp")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "at step 3" in result.stderr
+    resumed = json.loads((published["fsdp"] / "metrics.json").read_text())["trainLoss"]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in fsdp], rel=1e-4)
+    assert_same_weights(tmp_path / "first-model", published["fsdp"] / "model")
+
+
+def assert_same_weights(expected_dir: Path, actual_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    expected, actual = load_file(expected_dir / "model.safetensors"), load_file(actual_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert actual[name].allclose(tensor, rtol=1e-3, atol=1e-5), name
+
+
 def test_invalid_manifest_names_the_field(tmp_path: Path) -> None:
     job = manifest(tmp_path, "ftp://nowhere/model", "file:///data/train.jsonl")
     result = run_cli(str(job), env={"OUT_DIR": str(tmp_path)})

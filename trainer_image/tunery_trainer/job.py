@@ -12,17 +12,17 @@ import torch.distributed as torch_distributed
 
 from tunery.api.spec import FineTuneJobSpec
 from tunery.api.trainer_config import TrainerConfig
-from tunery_trainer import checkpoints
+from tunery_trainer import checkpoints, sharding
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.data import DataError, PreparedData, prepare
 from tunery_trainer.metrics import TrainerMetrics
-from tunery_trainer.modeling import load_model, load_tokenizer
+from tunery_trainer.modeling import load_model, load_tokenizer, restore_weights
 from tunery_trainer.progress import ProgressReporter
 from tunery_trainer.publishing import publish_model
 from tunery_trainer.reporting import Reporter
 from tunery_trainer.storage import S3Settings, Storage, StorageError
 from tunery_trainer.tokenization import TokenizedData, pack, tokenize
-from tunery_trainer.training import Distributed, Hooks, train
+from tunery_trainer.training import Distributed, Hooks, is_sharded, train
 
 logger = logging.getLogger("tunery_trainer")
 
@@ -111,6 +111,12 @@ def run(
         else Hooks()
     )
     progress = train(spec, model, tokenizer, tokenized, prepared.label_names, distributed, progress, resume, hooks)
+    if is_sharded(spec, distributed):
+        # Only the shards exist: rank 0 publishes an unsharded copy holding the gathered weights.
+        trained_weights = sharding.gather_trainable(model)
+        if distributed.is_main:
+            model = load_model(spec, model_dir, tokenizer, prepared.label_names, torch.device("cpu"))
+            restore_weights(model, trained_weights)
     manifest: dict[str, Any] = {}
     if distributed.is_main:
         uploaded = storage.bytes_uploaded

@@ -214,3 +214,14 @@ def _head_prefixes(model) -> tuple[str, ...]:
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
     """The parameters the optimiser updates, by name: what a checkpoint must keep."""
     return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def restore_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy a checkpoint's trained weights into the model's trainable parameters."""
+    expected = trainable_parameters(model)
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise RuntimeError(f"the checkpoint lacks trained weights {missing[:3]}: it was written by another setup")
+    with torch.no_grad():
+        for name, parameter in expected.items():
+            parameter.copy_(weights[name].to(parameter.device, parameter.dtype))

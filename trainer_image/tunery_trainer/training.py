@@ -12,11 +12,12 @@ import torch
 import torch.distributed as torch_distributed
 
 from tunery.api.spec import FineTuneJobSpec
+from tunery_trainer import sharding
 from tunery_trainer.batching import Schedule, collator, step_seed
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.evaluator import evaluate
 from tunery_trainer.failures import UnsupportedError
-from tunery_trainer.modeling import trainable_parameters
+from tunery_trainer.modeling import restore_weights, trainable_parameters
 from tunery_trainer.tokenization import TokenizedData
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,11 @@ def build_optimizer(spec: FineTuneJobSpec, parameters: list[torch.nn.Parameter],
     )
 
 
+def is_sharded(spec: FineTuneJobSpec, distributed: Distributed) -> bool:
+    """Whether this run shards the model with FSDP (resources.strategy fsdp and more than one process)."""
+    return spec.resources.strategy == "fsdp" and distributed.world_size > 1
+
+
 def train(
     spec: FineTuneJobSpec,
     model: Any,
@@ -123,6 +129,15 @@ def train(
     total_steps = schedule.total_steps(settings.epochs, settings.max_steps)
     collate = collator(spec.task, tokenizer, model.config._attn_implementation or "sdpa")
     autocast_dtype = precision_dtype(settings.precision, device)
+    sharded = is_sharded(spec, distributed)
+    if sharded and autocast_dtype == torch.float16:
+        raise UnsupportedError(
+            "resources.strategy fsdp trains in bf16 or fp32, and these GPUs have no bf16: "
+            "set hyperparameters.precision fp32, or use strategy ddp"
+        )
+    if sharded:
+        sharding.shard(model)
+        logger.info("sharded the model across %d processes (FSDP)", distributed.world_size)
 
     def autocast() -> contextlib.AbstractContextManager:
         if autocast_dtype is None:
@@ -142,36 +157,42 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     if resume is not None:
         weights, training_state = resume
-        _restore_weights(model, weights)
-        optimizer.load_state_dict(training_state["optimizer"])
+        if sharded:
+            sharding.load(model, optimizer, weights, training_state["optimizer"])
+        else:
+            restore_weights(model, weights)
+            optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
         scaler.load_state_dict(training_state["scaler"])
     trained = model
-    if distributed.world_size > 1:
+    if distributed.world_size > 1 and not sharded:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     def run_evaluation() -> dict[str, float]:
         metrics: dict[str, float] = {}
-        if distributed.is_main and data.validation:
+        # A sharded model's forward pass is a collective, so every rank evaluates; rank 0 reports.
+        if (distributed.is_main or sharded) and data.validation:
             raw = evaluate(
                 model, spec.task, data.validation, collate, settings.batch_size, device, label_names, autocast
             )
             metrics = {f"eval{name[0].upper()}{name[1:]}": value for name, value in raw.items()}
+        if metrics and distributed.is_main:
             progress.eval_history.append((progress.step, metrics))
             hooks.on_eval(progress, metrics)
         distributed.barrier()
         return metrics
 
     def save() -> None:
+        weights = sharding.gather_trainable(model) if sharded else trainable_parameters(model)
         training_state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": sharding.gather_optimizer_state(model, optimizer) if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
         }
         if distributed.is_main:
-            hooks.save_checkpoint(progress, trainable_parameters(model), training_state)
+            hooks.save_checkpoint(progress, weights, training_state)
         distributed.barrier()
 
     model.train()
@@ -186,6 +207,8 @@ def train(
             tokens += sum(len(sequence["input_ids"]) for sequence in sequences)
             samples += sum(len(set(sequence.get("document_ids", [0]))) for sequence in sequences)
             last = number == len(micro_batches) - 1
+            if sharded:
+                model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or trained is model else trained.no_sync()
             with sync:
                 with autocast():
@@ -226,13 +249,3 @@ def train(
         if finished or (progress.step % every_checkpoint == 0 if every_checkpoint else end_of_epoch):
             save()
     return progress
-
-
-def _restore_weights(model: Any, weights: dict[str, torch.Tensor]) -> None:
-    expected = trainable_parameters(model)
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise RuntimeError(f"the checkpoint lacks trained weights {missing[:3]}: it was written by another setup")
-    with torch.no_grad():
-        for name, parameter in expected.items():
-            parameter.copy_(weights[name].to(parameter.device, parameter.dtype))

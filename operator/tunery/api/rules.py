@@ -71,6 +71,21 @@ SPEC_RULES: tuple[Rule, ...] = (
         "fp16 training needs a GPU: set resources.gpus to 1 or more, or use precision auto, bf16 or fp32",
     ),
     Rule(
+        "self.resources.strategy != 'fsdp' || self.method.type != 'qlora'",
+        ".resources.strategy",
+        "strategy fsdp does not shard 4-bit quantised weights: use strategy ddp with qlora, or method.type lora with fsdp",
+    ),
+    Rule(
+        "self.resources.strategy != 'fsdp' || self.hyperparameters.optimizer != 'adamw-8bit'",
+        ".hyperparameters.optimizer",
+        "optimizer adamw-8bit does not work on sharded weights: use optimizer adamw with strategy fsdp, or strategy ddp",
+    ),
+    Rule(
+        "self.resources.strategy != 'fsdp' || self.hyperparameters.precision != 'fp16'",
+        ".hyperparameters.precision",
+        "strategy fsdp trains in bf16 or fp32: set precision bf16 (or auto on GPUs with bf16), or use strategy ddp",
+    ),
+    Rule(
         "!has(self.method.lora) || self.method.type in ['lora', 'qlora']",
         ".method.lora",
         "method.lora applies only to method.type lora or qlora: remove the block or change the type",

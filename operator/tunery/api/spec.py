@@ -238,6 +238,10 @@ class Resources(ApiModel):
     """Memory request and limit per node."""
     nodes: int = Field(1, ge=1, le=1024)
     """Nodes for distributed training (torchrun, one pod per node)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several training processes share the model: ddp keeps a whole copy in each; fsdp shards weights,
+    gradients and optimizer state across them, for models whose training state does not fit one GPU. One process
+    ignores it."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the training pods must match."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64)
