@@ -144,6 +144,14 @@ def test_revision_ignores_serving_and_suspend_but_not_training_fields() -> None:
     assert naming.revision(other) != naming.revision(spec)
 
 
+def test_a_field_added_since_the_first_release_keeps_old_revisions_at_its_default() -> None:
+    spec = target_for("lora-sft-chat.yaml").spec
+    # Pinned: the revision this spec had before resources.strategy existed (an upgrade must not retrain it).
+    assert spec.resources.strategy == "ddp" and naming.revision(spec) == "cd266867"
+    sharded = spec.model_copy(update={"resources": spec.resources.model_copy(update={"strategy": "fsdp"})})
+    assert naming.revision(sharded) != naming.revision(spec)
+
+
 def test_each_revision_writes_under_its_own_prefix() -> None:
     target = target_for("lora-sft-chat.yaml")
     config = json.loads(render_training_children(target)[-2]["data"][contract.CONFIG_FILE])

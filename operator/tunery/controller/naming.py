@@ -16,9 +16,18 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 _NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds"}
 
 
+# Fields added since the first release, and the value that trains as before they existed: left out of the hash
+# while they hold it, so that upgrading the operator does not start a new revision (a retraining) of every job.
+_ADDED_SINCE_FIRST_RELEASE = {("resources", "strategy"): "ddp"}
+
+
 def revision(spec: FineTuneJobSpec) -> str:
     """A short hash of the training-relevant spec, defaults included."""
-    canonical = json.dumps(spec.model_dump(mode="json", exclude=_NOT_TRAINING), sort_keys=True, separators=(",", ":"))
+    fields = spec.model_dump(mode="json", exclude=_NOT_TRAINING)
+    for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
+        if fields[section][name] == unchanged:
+            del fields[section][name]
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
 
