@@ -104,5 +104,18 @@ def events(kube: Kube, name: str) -> list[dict]:
     return json.loads(listed.stdout)["items"]
 
 
+def wait_for_event(kube: Kube, name: str, reason: str, kind: str = "Warning", timeout: float = 30.0) -> dict:
+    """The event of this reason about NAME: Kopf posts events in the background, so they may follow the status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = events(kube, name)
+        found = [event for event in seen if event["type"] == kind and event["reason"] == reason]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {kind} event {reason} about {name}; events: {[e['reason'] for e in seen]}")
+        time.sleep(0.5)
+
+
 def condition(status: dict, kind: str) -> dict:
     return next((c for c in status.get("conditions", []) if c["type"] == kind), {})

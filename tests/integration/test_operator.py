@@ -23,9 +23,9 @@ from operator_harness import (
     OperatorProcess,
     children,
     condition,
-    events,
     manifest,
     wait_for,
+    wait_for_event,
 )
 from tunery_trainer.progress import ProgressReporter, StatusEndpoint, send_apply
 
@@ -60,8 +60,7 @@ def test_apply_trains_to_complete(kube: Kube, operator: OperatorProcess) -> None
     assert pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert jobs[0]["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
     assert len(children(kube, "configmaps", "chat")) == 1
-    reasons = [event["reason"] for event in events(kube, "chat")]
-    assert "TrainingSucceeded" in reasons
+    wait_for_event(kube, "chat", "TrainingSucceeded", kind="Normal")
 
 
 def test_invalid_spec_fails_without_children(kube: Kube, operator: OperatorProcess) -> None:
@@ -77,8 +76,7 @@ def test_invalid_spec_fails_without_children(kube: Kube, operator: OperatorProce
     assert (
         children(kube, "jobs", "bad-target-modules") == [] and children(kube, "configmaps", "bad-target-modules") == []
     )
-    warnings = [event for event in events(kube, "bad-target-modules") if event["type"] == "Warning"]
-    assert warnings and warnings[0]["reason"] == "InvalidSpec"
+    assert "spec.method.lora.targetModules" in wait_for_event(kube, "bad-target-modules", "InvalidSpec")["message"]
 
 
 def test_image_override_is_refused_by_policy(kube: Kube, operator: OperatorProcess) -> None:
@@ -104,7 +102,7 @@ def test_unschedulable_reason_reaches_the_status(kube: Kube, operator: OperatorP
     )
     assert body["status"]["phase"] == "Pending"
     assert "nvidia.com/gpu" in condition(body["status"], "Ready")["message"]
-    assert any(event["type"] == "Warning" and event["reason"] == "Unschedulable" for event in events(kube, "too-big"))
+    wait_for_event(kube, "too-big", "Unschedulable")
 
 
 def test_suspend_and_resume(kube: Kube, operator: OperatorProcess) -> None:
@@ -268,7 +266,7 @@ def test_oom_killed_reaches_the_status_and_an_event(kube: Kube, operator: Operat
     body = wait_for(kube, operator, "greedy", lambda status: status.get("phase") == "Failed")
     assert body["status"]["failure"]["reason"] == "OOMKilled"
     assert "spec.resources.memory" in body["status"]["failure"]["message"]
-    assert any(event["type"] == "Warning" and event["reason"] == "OOMKilled" for event in events(kube, "greedy"))
+    wait_for_event(kube, "greedy", "OOMKilled")
 
 
 def test_trainer_data_error_fails_at_once_with_its_message(kube: Kube, operator: OperatorProcess) -> None:
@@ -295,7 +293,7 @@ def test_pods_the_job_cannot_create_are_explained(kube: Kube, operator: Operator
     )
     assert body["status"]["phase"] == "Pending"
     assert "no PriorityClass with name no-such-class" in condition(body["status"], "Ready")["message"]
-    assert any(event["type"] == "Warning" and event["reason"] == "FailedCreate" for event in events(kube, "blocked"))
+    wait_for_event(kube, "blocked", "FailedCreate")
 
 
 def test_liveness_endpoint_answers(kube: Kube, operator: OperatorProcess) -> None:
