@@ -84,7 +84,11 @@ def run(
         tokenized.truncated,
     )
     torch.manual_seed(spec.hyperparameters.seed)
-    model = load_model(spec, model_dir, tokenizer, prepared.label_names, distributed.device)
+    # FSDP moves each block to the GPU as it shards it: a whole copy on every GPU first would defeat sharding.
+    sharded = is_sharded(spec, distributed)
+    model = load_model(
+        spec, model_dir, tokenizer, prepared.label_names, torch.device("cpu") if sharded else distributed.device
+    )
 
     progress, resume = Progress(config_hash=config.revision), None
     latest = checkpoints.latest(storage, config.checkpoint_uri, config.revision)
@@ -111,7 +115,7 @@ def run(
         else Hooks()
     )
     progress = train(spec, model, tokenizer, tokenized, prepared.label_names, distributed, progress, resume, hooks)
-    if is_sharded(spec, distributed):
+    if sharded:
         # Only the shards exist: rank 0 publishes an unsharded copy holding the gathered weights.
         trained_weights = sharding.gather_trainable(model)
         if distributed.is_main:
