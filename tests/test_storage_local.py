@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError
+from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError, download_from_hub
 
 
 @pytest.fixture
@@ -57,3 +57,15 @@ def test_missing_local_source(storage: Storage, tmp_path: Path) -> None:
     with pytest.raises(StorageError) as missing:
         storage.fetch(f"file://{tmp_path}/nothing-here.jsonl", tmp_path / "out")
     assert missing.value.reason == "ObjectMissing"
+
+
+def test_an_unreachable_hub_model_says_to_copy_it_to_s3(monkeypatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(
+        StorageError, match=r"hf://nobody/no-model@main: cannot download .* copy it to S3 instead"
+    ) as raised:
+        download_from_hub("hf://nobody/no-model@main")
+    assert raised.value.reason == "ObjectMissing"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError
+from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError, download_from_hub
 
 logger = logging.getLogger("tunery_server")
 # The published layout (tunery_trainer.publishing, which imports the training stack: not imported here).
@@ -116,13 +116,10 @@ def fetch_base_model(uri: str | None, directory: Path, workdir: Path) -> Path:
     if not uri:
         raise SourceError("the manifest names no baseModel and has no model/ directory: nothing to load")
     if uri.startswith("hf://"):
-        from huggingface_hub import snapshot_download
-
-        name, _, revision = uri.removeprefix("hf://").partition("@")
         try:
-            return Path(snapshot_download(name, revision=revision or None))
-        except Exception as error:  # noqa: BLE001 - the hub raises many kinds; all mean the same here
-            raise SourceError(f"{uri}: cannot download the base model from the Hugging Face Hub ({error})") from error
+            return download_from_hub(uri)
+        except StorageError as error:
+            raise SourceError(error.message) from error
     if not uri.startswith("s3://"):
         directory = local_path(uri)
         if not directory.is_dir():

@@ -20,7 +20,7 @@ from tunery_trainer.modeling import load_model, load_tokenizer, restore_weights
 from tunery_trainer.progress import ProgressReporter
 from tunery_trainer.publishing import publish_model
 from tunery_trainer.reporting import Reporter
-from tunery_trainer.storage import S3Settings, Storage, StorageError
+from tunery_trainer.storage import S3Settings, Storage, download_from_hub
 from tunery_trainer.tokenization import TokenizedData, pack, tokenize
 from tunery_trainer.training import Distributed, Hooks, is_sharded, train
 
@@ -170,15 +170,7 @@ def _fetch_directory(uri: str | None, storage: Storage, target: Path) -> Path | 
     if uri is None:
         return None
     if uri.startswith("hf://"):
-        from huggingface_hub import snapshot_download
-
-        name, _, revision = uri.removeprefix("hf://").partition("@")
-        try:
-            return Path(snapshot_download(name, revision=revision or None))
-        except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user
-            raise StorageError(
-                "ObjectMissing", f"{uri}: cannot download from the Hugging Face Hub ({exc}): copy it to S3 instead"
-            ) from exc
+        return download_from_hub(uri)
     storage.fetch(uri if uri.endswith("/") else uri + "/", target)
     return target
 

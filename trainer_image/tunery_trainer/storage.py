@@ -29,6 +29,19 @@ class StorageError(Exception):
         self.message = message
 
 
+def download_from_hub(uri: str) -> Path:
+    """A model snapshot named hf://NAME[@REVISION], from the Hugging Face Hub (where the network reaches it)."""
+    from huggingface_hub import snapshot_download
+
+    name, _, revision = uri.removeprefix("hf://").partition("@")
+    try:
+        return Path(snapshot_download(name, revision=revision or None))
+    except Exception as error:  # noqa: BLE001 - the hub raises many kinds; all mean the same to the user
+        raise StorageError(
+            "ObjectMissing", f"{uri}: cannot download from the Hugging Face Hub ({error}): copy it to S3 instead"
+        ) from error
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed storage URI: an S3 bucket and key, or a local directory (file://, or pvc:// under its mount)."""
