@@ -1,20 +1,15 @@
 """The Grafana dashboard and the alert rules in the chart: well-formed, complete, and naming only metrics that exist."""
 
-import json
 import re
 
 import pytest
-import yaml
-from prometheus_client.registry import CollectorRegistry
+from monitoring_files import CHART, RULES, alert_rules, load_dashboard, query_panels, series_names
 from tunery_server.metrics import ServerMetrics
 
 from conftest import REPO_ROOT
 from tunery.controller.metrics import OperatorMetrics
 from tunery_trainer.metrics import TrainerMetrics
 
-CHART = REPO_ROOT / "charts" / "tunery"
-DASHBOARD = CHART / "dashboards" / "tunery.json"
-RULES = CHART / "rules" / "tunery-alerts.yaml"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # What the dashboard must show: a panel title and a metric that one of its queries reads.
@@ -35,37 +30,13 @@ REQUIRED_PANELS = {
 }
 # The series Prometheus adds itself.
 PROMETHEUS_SERIES = {"up"}
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
-
-
-def load_dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def query_panels(dashboard: dict) -> list[dict]:
-    """Every panel that queries Prometheus: rows only group panels (and collapsed rows hold theirs)."""
-    found = []
-    for panel in dashboard["panels"]:
-        if panel["type"] == "row":
-            found.extend(panel.get("panels", []))
-        else:
-            found.append(panel)
-    return found
-
-
-def series_names(registry: CollectorRegistry) -> set[str]:
-    """The series names a registry exposes, whether or not a labelled metric has a child yet."""
-    names = set()
-    for family in registry.collect():
-        names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
-    return names
 
 
 def exposed_series() -> set[str]:
     return (
-        series_names(OperatorMetrics().registry)
-        | series_names(TrainerMetrics("ns", "job").registry)
-        | series_names(ServerMetrics("model").registry)
+        series_names(OperatorMetrics().registry.collect())
+        | series_names(TrainerMetrics("ns", "job").registry.collect())
+        | series_names(ServerMetrics("model").registry.collect())
         | PROMETHEUS_SERIES
     )
 
@@ -128,13 +99,13 @@ def test_dashboard_and_rules_read_only_metrics_that_exist() -> None:
     """Every series a query names is one the operator, trainer or server registry exposes (or Prometheus adds)."""
     exposed = exposed_series()
     expressions = [target["expr"] for panel in query_panels(load_dashboard()) for target in panel["targets"]]
-    expressions += [rule["expr"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    expressions += [rule["expr"] for rule in alert_rules()]
     unknown = {name: expr for expr in expressions for name in metrics_in(expr) if name not in exposed}
     assert not unknown, unknown
 
 
 def test_every_alert_says_how_bad_what_and_where_to_look() -> None:
-    rules = [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    rules = alert_rules()
     assert {rule["alert"] for rule in rules} >= {
         "TuneryFineTuneJobFailed",
         "TuneryTrainingStalled",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from monitoring_files import CHART, RULES, load_dashboard
 
 from conftest import REPO_ROOT, Kube
 from localenv import tools
@@ -14,7 +15,6 @@ from operator_harness import OperatorProcess, manifest, wait_for
 
 pytestmark = pytest.mark.integration
 
-CHART = REPO_ROOT / "charts" / "tunery"
 RELEASE_NAMESPACE = "tunery-system"
 WATCHED = "chart-e2e"
 
@@ -130,7 +130,6 @@ MONITORING = [
     "monitoring.prometheusRule.enabled=true",
 ]
 GOLDEN = REPO_ROOT / "tests" / "golden"
-RULES = CHART / "rules" / "tunery-alerts.yaml"
 
 
 def rendered(kube: Kube, *values: str) -> dict[str, list[dict]]:
@@ -172,9 +171,7 @@ def test_monitoring_objects_are_off_by_default_but_the_dashboard(kube: Kube) -> 
     (dashboard,) = [cm for cm in by_kind["ConfigMap"] if cm["metadata"]["name"] == "tunery-operator-dashboard"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["namespace"] == RELEASE_NAMESPACE
-    assert json.loads(dashboard["data"]["tunery.json"]) == json.loads(
-        (CHART / "dashboards" / "tunery.json").read_text()
-    )
+    assert json.loads(dashboard["data"]["tunery.json"]) == load_dashboard()
     assert "ConfigMap" not in rendered(kube, "--set", "monitoring.dashboard.enabled=false")
 
 

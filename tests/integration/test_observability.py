@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from monitoring_files import RULES, alert_rules, load_dashboard, query_panels, series_names
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import decoder, sentences, write_jsonl
 
@@ -36,9 +37,6 @@ from operator_harness import CRD_FILE, OperatorProcess, manifest, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHART = REPO_ROOT / "charts" / "tunery"
-DASHBOARD = CHART / "dashboards" / "tunery.json"
-RULES = CHART / "rules" / "tunery-alerts.yaml"
 BROKEN = REPO_ROOT / "tests" / "manifests" / "invalid" / "bad-target-modules.yaml"
 TUNERY = str(Path(sys.executable).parent / "tunery")
 
@@ -371,14 +369,8 @@ def finite_values(answer: dict) -> list[float]:
 
 
 def dashboard_targets() -> list[tuple[str, str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    panels = [inner for panel in dashboard["panels"] for inner in panel.get("panels", [])]
-    panels += [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    panels = query_panels(load_dashboard())
     return [(panel["title"], target["refId"], target["expr"]) for panel in panels for target in panel["targets"]]
-
-
-def alert_rules() -> list[dict]:
-    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
 
 
 def test_every_target_was_scraped_up(observed: Observed) -> None:
@@ -421,7 +413,7 @@ def test_every_dashboard_query_is_valid_and_shows_data(observed: Observed) -> No
 
 
 def test_dashboard_variables_list_this_run(observed: Observed) -> None:
-    variables = {item["name"]: item for item in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    variables = {item["name"]: item for item in load_dashboard()["templating"]["list"]}
     for name, expected in (("namespace", NAMESPACE), ("finetunejob", TRAINED)):
         match = re.fullmatch(r"label_values\((.+), (\w+)\)", concrete(variables[name]["query"]))
         assert match and match.group(2) == name
@@ -470,11 +462,9 @@ def test_promtool_accepts_each_exposition(observed: Observed, promtool: Path, pr
 
 def test_every_series_the_dashboard_and_rules_name_is_exposed(observed: Observed) -> None:
     """Names checked against the live expositions, which covers the queries allowed to be empty here."""
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
     exposed = {"up", "ALERTS"}
     for text in observed.expositions.values():
-        for family in text_string_to_metric_families(text):
-            exposed.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+        exposed |= series_names(text_string_to_metric_families(text))
     expressions = [expr for _, _, expr in dashboard_targets()] + [rule["expr"] for rule in alert_rules()]
     named = {name for expr in expressions for name in re.findall(r"\btunery_[a-z0-9_]+\b", expr)}
     assert named - exposed == set()
