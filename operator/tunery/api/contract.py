@@ -8,6 +8,14 @@ RENDEZVOUS_PORT = 29500
 TRAINER_METRICS_PORT = 9090
 # The serving container's HTTP port (the OpenAI-compatible API, health and metrics).
 SERVING_PORT = 8000
+# The serving container's Prometheus /metrics port, apart from the API so that clients never reach it.
+SERVING_METRICS_PORT = 9090
+# The serving container reads the endpoint's API key from this variable (a secretKeyRef to serving.apiKeySecret).
+API_KEY_ENV = "TUNERY_API_KEY"
+# vLLM's own variable for the same key.
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+# The key of serving.apiKeySecret that holds the API key.
+API_KEY_SECRET_KEY = "api-key"
 # pvc://CLAIM/PATH is read at PVC_MOUNT_ROOT/CLAIM/PATH inside the trainer and server pods.
 PVC_MOUNT_ROOT = "/mnt/pvc"
 

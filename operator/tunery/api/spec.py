@@ -184,6 +184,9 @@ class Checkpoints(ApiModel):
     """Write a checkpoint every N optimiser steps; 0 writes one only at the end of each epoch."""
     keep: int = Field(2, ge=1, le=100)
     """Number of most recent checkpoints kept."""
+    resume_from_uid: str | None = Field(None, pattern=r"^[0-9a-f-]{36}$")
+    """Also resume from checkpoints written by the FineTuneJob with this UID (for example one deleted and created
+    again under the same name). Empty resumes only from this FineTuneJob's own checkpoints."""
 
 
 class Output(ApiModel):
@@ -248,6 +251,8 @@ class Resources(ApiModel):
     """Tolerations for the training pods."""
     priority_class_name: str = Field("", max_length=253)
     """PriorityClass of the training pods."""
+    ephemeral_storage: Quantity = "100Gi"
+    """Local disk per node (requested and limited): the fetched base model, data and checkpoint staging."""
 
 
 class ServingResources(ApiModel):
@@ -259,6 +264,8 @@ class ServingResources(ApiModel):
     """CPU request per replica."""
     memory: Quantity = "8Gi"
     """Memory request and limit per replica."""
+    ephemeral_storage: Quantity = "50Gi"
+    """Local disk per replica (requested and limited): the fetched model and its base."""
 
 
 class Serving(ApiModel):
@@ -272,6 +279,12 @@ class Serving(ApiModel):
     """Serving replicas."""
     resources: ServingResources = Field(default_factory=ServingResources)
     """Compute per replica."""
+    api_key_secret: ObjectName | None = None
+    """Secret whose key api-key clients must send as `Authorization: Bearer KEY`; empty leaves the endpoint without
+    authentication (still reachable only from allowed namespaces)."""
+    client_namespace_labels: dict[str, str] = Field(default_factory=dict, max_length=16)
+    """Besides its own namespace, pods in namespaces with all of these labels may reach the endpoint; empty allows
+    only the own namespace (and the namespaces the platform allows for every endpoint)."""
 
 
 class FineTuneJobSpec(ApiModel):

@@ -18,7 +18,11 @@ _NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds
 
 # Fields added since the first release, and the value that trains as before they existed: left out of the hash
 # while they hold it, so that upgrading the operator does not start a new revision (a retraining) of every job.
-_ADDED_SINCE_FIRST_RELEASE = {("resources", "strategy"): "ddp"}
+_ADDED_SINCE_FIRST_RELEASE = {
+    ("resources", "strategy"): "ddp",
+    ("resources", "ephemeral_storage"): "100Gi",
+    ("checkpoints", "resume_from_uid"): None,
+}
 
 
 def revision(spec: FineTuneJobSpec) -> str:
