@@ -45,7 +45,7 @@ def test_serving_children_match_golden_files(name: str, serving_target: ServingT
 
 
 def test_the_old_model_serves_until_the_new_pods_are_ready() -> None:
-    service, deployment = render_serving_children(target())
+    _, service, deployment = render_serving_children(target())
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     pod = deployment["spec"]["template"]
     assert pod["metadata"]["labels"]["tunery.dev/model-revision"] == "cd266867"
@@ -63,15 +63,15 @@ def test_the_old_model_serves_until_the_new_pods_are_ready() -> None:
 
 
 def test_a_new_model_changes_the_pod_template_and_a_replica_change_does_not() -> None:
-    first = render_serving_children(target())[1]
-    scaled = render_serving_children(target(replicas=3))[1]
+    first = render_serving_children(target())[2]
+    scaled = render_serving_children(target(replicas=3))[2]
     assert scaled["spec"]["replicas"] == 3 and scaled["spec"]["template"] == first["spec"]["template"]
     newer = ServingTarget(**{**target().__dict__, "model_uri": "s3://models/out/support-bot/abcdef12/"})
-    assert render_serving_children(newer)[1]["spec"]["template"] != first["spec"]["template"]
+    assert render_serving_children(newer)[2]["spec"]["template"] != first["spec"]["template"]
 
 
 def test_vllm_serves_the_merged_model_or_the_adapter_on_its_base() -> None:
-    _, deployment = render_serving_children(target("vllm", resources={"gpus": 1, "cpu": "8", "memory": "32Gi"}))
+    _, _, deployment = render_serving_children(target("vllm", resources={"gpus": 1, "cpu": "8", "memory": "32Gi"}))
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     script = server["command"][-1]
     assert f"vllm serve {MODEL_DIR}/model" in script and "--enable-lora --lora-modules" in script

@@ -9,7 +9,9 @@ from pydantic_core import PydanticCustomError
 
 # Every regex below must mean the same in Python's `re` and in Go's RE2 (the API server): no lookarounds.
 _S3 = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
-_PVC = r"pvc://[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(/[^\s]*)?"
+# A claim's path is mounted as a subPath: no empty, "." or ".." segments, so it cannot leave the claim.
+_PVC_SEGMENT = r"([^./\s][^/\s]*|\.[^./\s][^/\s]*|\.\.[^/\s]+)"
+_PVC = rf"pvc://[a-z0-9]([a-z0-9.-]{{0,251}}[a-z0-9])?(/({_PVC_SEGMENT}(/{_PVC_SEGMENT})*/?)?)?"
 _HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^\s@]+)?"
 _FILE = r"file:///[^\s]*"
 
@@ -51,6 +53,8 @@ def _invalid_uri(forms: str) -> Callable[[str], str]:
         hint = f"use {forms}"
         if value.startswith("s3://"):
             hint += " (S3 bucket names are 3-63 lowercase letters, digits, dots and hyphens)"
+        if value.startswith("pvc://"):
+            hint += " (a claim's path has no empty, '.' or '..' parts: it cannot leave the claim)"
         return f"{value!r} is not a valid URI: {hint}"
 
     return describe

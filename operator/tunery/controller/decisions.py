@@ -24,6 +24,8 @@ class Observation:
     serving: "ServingObservation | None" = None
     """The serving Deployment, when spec.serving.enabled and a model has been published."""
     serving_enabled: bool = False
+    child_conflict: str | None = None
+    """Why a child could not be applied: its name is taken by an object this FineTuneJob does not own."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,10 @@ class Verdict:
 
 # Reasons that keep pods from starting and need someone to act.
 WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "FailedCreate")
-# Reasons of a Job that has no running pods yet: worth looking again soon, since nothing else may wake us.
-STARTING = ("Creating", "Starting", "FailedCreate")
+CHILD_CONFLICT = "ChildConflict"
+# Reasons worth looking again soon, since nothing watched may change: a Job without running pods yet, and a
+# child name taken by another object (which its owner may remove, or the garbage collector may still delete).
+STARTING = ("Creating", "Starting", "FailedCreate", CHILD_CONFLICT)
 
 
 def decide(observation: Observation) -> Verdict:
@@ -55,6 +59,8 @@ def decide(observation: Observation) -> Verdict:
     if observation.spec_errors:
         return Verdict("Failed", "InvalidSpec", "; ".join(str(error) for error in observation.spec_errors))
     job = observation.job
+    if job is None and observation.child_conflict:
+        return Verdict("Pending", CHILD_CONFLICT, observation.child_conflict)
     if job is None:
         return Verdict("Pending", "Creating", "creating the training Job")
     finished = finished_condition(job)
@@ -98,7 +104,10 @@ def operator_status(
             not terminal or (verdict.phase == "Succeeded" and not ready and serving_phase != "Failed"),
             ready_reason,
         ),
-        "Stalled": (verdict.phase == "Failed" or serving_phase == "Failed", verdict.reason),
+        "Stalled": (
+            verdict.phase == "Failed" or serving_phase == "Failed" or observation.child_conflict is not None,
+            verdict.reason,
+        ),
         "Complete": (verdict.phase == "Succeeded", verdict.reason),
         "Failed": (verdict.phase == "Failed", verdict.reason),
     }
@@ -118,7 +127,9 @@ def operator_status(
         message = verdict.message if holds or kind == "Ready" else ""
         if kind == "Ready" and verdict.phase == "Succeeded" and not ready:
             message = ready_message
-        if kind == "Stalled" and serving_phase == "Failed" and verdict.phase != "Failed":
+        if kind == "Stalled" and observation.child_conflict:
+            reason, message = CHILD_CONFLICT, observation.child_conflict
+        elif kind == "Stalled" and serving_phase == "Failed" and verdict.phase != "Failed":
             reason, message = serving_condition[1], serving_condition[2]
         conditions.append(_condition(before, kind, holds, reason, message, observation.generation, now))
     conditions.append(_condition(before, "Serving", *serving_condition, observation.generation, now))
@@ -178,6 +189,8 @@ def serving_status(observed: ServingObservation) -> dict[str, Any]:
 def _serving_condition(observation: Observation, serving: dict[str, Any] | None) -> tuple[bool, str, str]:
     if not observation.serving_enabled:
         return False, "ServingDisabled", "spec.serving.enabled is false"
+    if serving is None and observation.child_conflict:
+        return False, CHILD_CONFLICT, observation.child_conflict
     if serving is None:
         return False, "WaitingForModel", "the endpoint is deployed once a revision has published its model"
     if serving["phase"] == "Ready":

@@ -8,6 +8,7 @@ from lightkube.generic_resource import create_global_resource, create_namespaced
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.batch_v1 import Job
 from lightkube.resources.core_v1 import Event, Pod, Service
+from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import CascadeType, PatchType
 
 from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
@@ -17,6 +18,20 @@ FineTuneJobResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
 # Registering Kopf's peering kinds lets codecs.from_dict build them for apply.
 create_namespaced_resource("kopf.dev", "v1", "KopfPeering", "kopfpeerings")
 create_global_resource("kopf.dev", "v1", "ClusterKopfPeering", "clusterkopfpeerings")
+
+
+class NotOwned(Exception):
+    """A child's name is taken by an object this FineTuneJob does not own: it is neither changed nor deleted."""
+
+    def __init__(self, kind: str, namespace: str, name: str) -> None:
+        super().__init__(
+            f"{kind} {namespace}/{name} already exists and is not owned by this FineTuneJob: the operator leaves it "
+            "alone; rename the FineTuneJob, or delete or rename that object"
+        )
+
+
+def owned_by(body: dict[str, Any], uid: str) -> bool:
+    return any(reference.get("uid") == uid for reference in body["metadata"].get("ownerReferences") or [])
 
 
 class KubeApi:
@@ -32,6 +47,18 @@ class KubeApi:
         """Server-side apply under the operator's field manager (taking over fields is intended); the object as stored."""
         applied = await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
         return applied.to_dict()
+
+    async def apply_owned(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Apply a child only where its name is free or already carries the owner's UID; NotOwned otherwise.
+
+        An object created by someone else between the read and the apply is taken over, but only one that did not
+        exist when looked at: nothing that anyone had before is ever changed.
+        """
+        metadata = manifest["metadata"]
+        existing = await self._get_or_none(type(codecs.from_dict(manifest)), metadata["namespace"], metadata["name"])
+        if existing is not None and not owned_by(existing, metadata["ownerReferences"][0]["uid"]):
+            raise NotOwned(manifest["kind"], metadata["namespace"], metadata["name"])
+        return await self.apply(manifest)
 
     async def ensure_peering(self, name: str, namespaces: list[str]) -> None:
         """The peering objects replicas announce themselves in: one per watched namespace, or one for the cluster."""
@@ -71,10 +98,13 @@ class KubeApi:
         labels = {FINETUNEJOB_LABEL: finetunejob, "app.kubernetes.io/component": "serving"}
         return [pod.to_dict() async for pod in self._client.list(Pod, namespace=namespace, labels=labels)]
 
-    async def delete_serving(self, namespace: str, name: str) -> bool:
-        """Delete the serving Deployment and Service; whether there was anything to delete."""
+    async def delete_serving(self, namespace: str, name: str, owner_uid: str) -> bool:
+        """Delete the serving Deployment, Service and NetworkPolicy that this owner owns; whether any was deleted."""
         deleted = False
-        for resource in (Deployment, Service):
+        for resource in (Deployment, Service, NetworkPolicy):
+            existing = await self._get_or_none(resource, namespace, name)
+            if existing is None or not owned_by(existing, owner_uid):
+                continue
             try:
                 await self._client.delete(resource, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
                 deleted = True

@@ -8,10 +8,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+from tunery.api.policy import Policy, check_cluster
 from tunery.api.spec import FineTuneJobSpec
-from tunery.api.validation import FieldError, validate_manifest
+from tunery.api.validation import validate_manifest
 from tunery.controller import decisions, naming
-from tunery.controller.kube import KubeApi
+from tunery.controller.kube import KubeApi, NotOwned, owned_by
 from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.render import TrainingTarget, render_training_children
 from tunery.controller.serving import ServingTarget, render_serving_children
@@ -31,6 +32,7 @@ class Reconciler:
     ) -> None:
         self._api = api
         self._settings = settings
+        self._policy: Policy = settings.policy()
         self._post_event = post_event
         self.metrics = metrics
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -56,6 +58,8 @@ class Reconciler:
         if patch:
             await self._api.patch_status(namespace, name, patch)
         self._record(body, wanted, previous.get("phase"), now)
+        if observation.child_conflict:
+            verdict = decisions.Verdict(verdict.phase, decisions.CHILD_CONFLICT, observation.child_conflict)
         if wanted["phase"] != previous.get("phase") or _reason(previous) != verdict.reason:
             self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
         return verdict
@@ -77,10 +81,13 @@ class Reconciler:
     async def _observe(self, body: dict[str, Any]) -> decisions.Observation:
         metadata = body["metadata"]
         generation = metadata.get("generation", 1)
-        errors = validate_manifest(_without_status(body)) + self._policy_errors(body)
+        errors = validate_manifest(_without_status(body))
         if errors:
             return decisions.Observation(generation, revision="", spec_errors=errors)
         spec = FineTuneJobSpec.model_validate(body["spec"])
+        errors = check_cluster(spec, metadata["namespace"], self._policy)
+        if errors:
+            return decisions.Observation(generation, revision="", spec_errors=errors)
         revision = naming.revision(spec)
         queue = (metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL)
         job_name = naming.job_name(metadata["name"], revision)
@@ -94,7 +101,10 @@ class Reconciler:
             image=_running_image(existing) or spec.image or self._settings.trainer_image,
             queue_name=queue,
         )
-        applied = [await self._api.apply(child) for child in render_training_children(target)]
+        try:
+            applied = [await self._api.apply_owned(child) for child in render_training_children(target)]
+        except NotOwned as conflict:
+            return decisions.Observation(generation, revision, child_conflict=str(conflict))
         job = next(child for child in applied if child["kind"] == "Job")
         await self._stop_stale_revisions(target)
         pods = await self._api.list_pods(target.namespace, target.job_name)
@@ -117,8 +127,10 @@ class Reconciler:
         if observation.spec_errors:
             return observation
         spec = FineTuneJobSpec.model_validate(body["spec"])
+        if observation.child_conflict:
+            return replace(observation, serving_enabled=spec.serving.enabled)
         if not spec.serving.enabled:
-            if await self._api.delete_serving(namespace, naming.serving_name(name)):
+            if await self._api.delete_serving(namespace, naming.serving_name(name), metadata["uid"]):
                 logger.info("removed the serving Deployment of %s/%s: spec.serving.enabled is false", namespace, name)
             return observation
         if verdict.phase == "Succeeded" and observation.model:
@@ -138,28 +150,23 @@ class Reconciler:
             image=spec.image or self._settings.trainer_image,
             vllm_image=self._settings.vllm_image,
             progress_deadline_seconds=self._settings.serving_progress_deadline_seconds,
+            platform_client_namespace_labels=self._policy.serving_client_namespace_labels,
         )
-        applied = [await self._api.apply(child) for child in render_serving_children(target)]
+        try:
+            applied = [await self._api.apply_owned(child) for child in render_serving_children(target)]
+        except NotOwned as conflict:
+            return replace(observation, serving_enabled=True, child_conflict=str(conflict))
+        deployment = next(child for child in applied if child["kind"] == "Deployment")
         pods = await self._api.list_serving_pods(namespace, name)
-        serving = decisions.ServingObservation(applied[-1], pods, target.endpoint)
+        serving = decisions.ServingObservation(deployment, pods, target.endpoint)
         return replace(observation, serving_enabled=True, serving=serving)
-
-    def _policy_errors(self, body: dict[str, Any]) -> list[FieldError]:
-        if body.get("spec", {}).get("image") and not self._settings.allow_image_override:
-            return [
-                FieldError(
-                    "spec.image",
-                    "this operator does not allow trainer image overrides: remove spec.image, or ask the platform "
-                    "team to set TUNERY_ALLOW_IMAGE_OVERRIDE=true",
-                )
-            ]
-        return []
 
     async def _stop_stale_revisions(self, target: TrainingTarget) -> None:
         """A new revision replaces the old one: its unfinished Job is stopped (its checkpoints stay in storage)."""
         for job in await self._api.list_jobs(target.namespace, target.name):
             stale = job["metadata"]["labels"].get(naming.REVISION_LABEL) != target.revision
-            if stale and decisions.finished_condition(job) is None:
+            # Anyone who may label a Job could point it at this FineTuneJob: only its own Jobs are stopped.
+            if stale and owned_by(job, target.uid) and decisions.finished_condition(job) is None:
                 logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
 

@@ -9,6 +9,7 @@ from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL
 from tunery.api.spec import FineTuneJobSpec
 from tunery.api.trainer_config import TrainerConfig
 from tunery.controller import naming
+from tunery.controller.claims import ClaimMounts, claim_mounts
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,15 @@ def render_headless_service(target: TrainingTarget) -> dict[str, Any]:
     }
 
 
+def literal(value: str) -> str:
+    """A spec string as the kubelet must pass it: it expands $(VAR) in command, args and env values, and $$ to $."""
+    return value.replace("$", "$$")
+
+
 def storage_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": spec.storage.region}]
+    env: list[dict[str, Any]] = [{"name": "AWS_REGION", "value": literal(spec.storage.region)}]
     if spec.storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": spec.storage.endpoint})
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": literal(spec.storage.endpoint)})
     if spec.storage.credentials_secret:
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": spec.storage.credentials_secret, "key": key}}}
@@ -179,10 +185,18 @@ def _command(target: TrainingTarget) -> tuple[list[str], list[dict[str, Any]]]:
     return command, env
 
 
+def training_claims(spec: FineTuneJobSpec) -> ClaimMounts:
+    """The trainer reads its inputs from claims read-only and writes only its output."""
+    tokenizer = spec.base_model.tokenizer.uri if spec.base_model.tokenizer else None
+    inputs = [spec.base_model.uri, tokenizer, spec.dataset.train, spec.dataset.validation]
+    return claim_mounts(inputs, [spec.output.uri])
+
+
 def _resources(target: TrainingTarget) -> dict[str, Any]:
     resources = target.spec.resources
-    requests = {"cpu": resources.cpu, "memory": resources.memory}
-    limits: dict[str, Any] = {"memory": resources.memory}
+    disk = resources.ephemeral_storage
+    requests = {"cpu": resources.cpu, "memory": resources.memory, "ephemeral-storage": disk}
+    limits: dict[str, Any] = {"memory": resources.memory, "ephemeral-storage": disk}
     if resources.gpus:
         requests[resources.gpu_resource] = str(resources.gpus)
         limits[resources.gpu_resource] = str(resources.gpus)
@@ -214,6 +228,9 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
     """The batch/v1 Job that trains one revision: Indexed across nodes, restricted security, final exit codes not retried."""
     spec = target.spec
     command, rendezvous_env = _command(target)
+    claims = training_claims(spec)
+    # Each scratch volume is bounded by the job's disk, so a full disk fails this pod, not the node.
+    disk = spec.resources.ephemeral_storage
     labels = naming.labels(target.name, target.revision, "trainer")
     if target.queue_name:
         labels[naming.KUEUE_QUEUE_LABEL] = target.queue_name
@@ -223,7 +240,7 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         "command": command,
         "env": [
             *storage_env(spec),
-            {"name": "TUNERY_FINETUNEJOB", "value": target.name},
+            {"name": "TUNERY_FINETUNEJOB", "value": literal(target.name)},
             {"name": "TUNERY_NAMESPACE", "value": target.namespace},
             {"name": "TUNERY_REVISION", "value": target.revision},
             {"name": "TUNERY_METRICS_PORT", "value": str(contract.TRAINER_METRICS_PORT)},
@@ -243,6 +260,7 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
             {"name": "cache", "mountPath": "/var/cache/tunery"},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *claims.mounts,
         ],
         "securityContext": restricted_container_security(),
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
@@ -254,9 +272,10 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": naming.config_map_name(target.name, target.revision)}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {"sizeLimit": disk}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": disk}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm_size(spec)}},
+            *claims.volumes,
         ],
         "enableServiceLinks": False,
         # The token is the progress channel: it may only patch this FineTuneJob's status (render_trainer_identity).

@@ -1,12 +1,15 @@
-"""Build the serving children of a FineTuneJob: a Deployment (fetch init container + server) and its Service."""
+"""Build the serving children of a FineTuneJob: a Deployment (fetch init container + server), its Service and the
+NetworkPolicy that says who may reach it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunery.api import contract
 from tunery.api.spec import FineTuneJobSpec
 from tunery.controller import naming
+from tunery.controller.claims import ClaimMounts, claim_mounts
 from tunery.controller.render import (
+    literal,
     owner_reference,
     restricted_container_security,
     restricted_pod_security,
@@ -34,6 +37,8 @@ class ServingTarget:
     image: str
     vllm_image: str
     progress_deadline_seconds: int
+    platform_client_namespace_labels: dict[str, str] = field(default_factory=dict)
+    """Namespaces with these labels may reach every endpoint (the operator's policy)."""
 
     @property
     def deployment_name(self) -> str:
@@ -46,7 +51,33 @@ class ServingTarget:
 
 
 def render_serving_children(target: ServingTarget) -> list[dict[str, Any]]:
-    return [render_service(target), render_deployment(target)]
+    """The NetworkPolicy first, so that the pods never answer before it applies."""
+    return [render_network_policy(target), render_service(target), render_deployment(target)]
+
+
+def render_network_policy(target: ServingTarget) -> dict[str, Any]:
+    """The API port answers pods of this namespace and of namespaces the spec or the platform names; the metrics
+    port (request counts and latencies, no content) answers any namespace, where Prometheus may run."""
+    clients: list[dict[str, Any]] = [{"podSelector": {}}]
+    for labels in (target.spec.serving.client_namespace_labels, target.platform_client_namespace_labels):
+        if labels:
+            clients.append({"namespaceSelector": {"matchLabels": dict(labels)}})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(target),
+        "spec": {
+            "podSelector": {"matchLabels": _selector(target)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": clients, "ports": [{"protocol": "TCP", "port": contract.SERVING_PORT}]},
+                {
+                    "from": [{"namespaceSelector": {}}],
+                    "ports": [{"protocol": "TCP", "port": contract.SERVING_METRICS_PORT}],
+                },
+            ],
+        },
+    }
 
 
 def _metadata(target: ServingTarget) -> dict[str, Any]:
@@ -78,14 +109,16 @@ def render_deployment(target: ServingTarget) -> dict[str, Any]:
     """Rolling, never below the ready replicas: the previous model serves until the new one's pods are ready."""
     serving = target.spec.serving
     labels = {**naming.labels(target.name, None, "serving"), naming.MODEL_REVISION_LABEL: target.model_revision}
+    disk = serving.resources.ephemeral_storage
     pod_spec: dict[str, Any] = {
         "securityContext": restricted_pod_security(),
         "initContainers": [_fetch_container(target)],
         "containers": [_vllm_container(target) if serving.runtime == "vllm" else _builtin_container(target)],
         "volumes": [
-            {"name": MODEL_VOLUME, "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "cache", "emptyDir": {}},
+            {"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": disk}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": disk}},
+            {"name": "cache", "emptyDir": {"sizeLimit": disk}},
+            *_fetch_claims(target).volumes,
         ],
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
@@ -113,14 +146,20 @@ def render_deployment(target: ServingTarget) -> dict[str, Any]:
     }
 
 
+def _fetch_claims(target: ServingTarget) -> ClaimMounts:
+    """The published model, and its base (fetched too when only an adapter was published), read-only."""
+    return claim_mounts([target.model_uri, target.spec.base_model.uri])
+
+
 def _fetch_container(target: ServingTarget) -> dict[str, Any]:
     command = [
         "tunery-trainer",
         "fetch",
-        f"--uri={target.model_uri}",
+        f"--uri={literal(target.model_uri)}",
         f"--dest={MODEL_DIR}",
         f"--addressing={target.spec.storage.addressing}",
     ]
+    disk = target.spec.serving.resources.ephemeral_storage
     return {
         "name": "fetch-model",
         "image": target.image,
@@ -129,8 +168,12 @@ def _fetch_container(target: ServingTarget) -> dict[str, Any]:
         "volumeMounts": [
             {"name": MODEL_VOLUME, "mountPath": MODEL_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},
+            *_fetch_claims(target).mounts,
         ],
-        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": disk},
+            "limits": {"memory": "2Gi", "ephemeral-storage": disk},
+        },
         "securityContext": restricted_container_security(),
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -139,8 +182,9 @@ def _fetch_container(target: ServingTarget) -> dict[str, Any]:
 
 def _resources(target: ServingTarget) -> dict[str, Any]:
     resources = target.spec.serving.resources
-    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory}
-    limits: dict[str, Any] = {"memory": resources.memory}
+    disk = resources.ephemeral_storage
+    requests: dict[str, Any] = {"cpu": resources.cpu, "memory": resources.memory, "ephemeral-storage": disk}
+    limits: dict[str, Any] = {"memory": resources.memory, "ephemeral-storage": disk}
     if resources.gpus:
         gpu = target.spec.resources.gpu_resource
         requests[gpu] = str(resources.gpus)
@@ -148,13 +192,29 @@ def _resources(target: ServingTarget) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def _server_container(target: ServingTarget, image: str, command: list[str], ready_path: str) -> dict[str, Any]:
+def _api_key_env(target: ServingTarget, name: str) -> list[dict[str, Any]]:
+    secret = target.spec.serving.api_key_secret
+    if not secret:
+        return []
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": contract.API_KEY_SECRET_KEY}}}]
+
+
+def _server_container(
+    target: ServingTarget, image: str, command: list[str], ready_path: str, api_key_env: str, metrics_port: bool
+) -> dict[str, Any]:
+    ports = [{"name": "http", "containerPort": contract.SERVING_PORT}]
+    if metrics_port:
+        ports.append({"name": "metrics", "containerPort": contract.SERVING_METRICS_PORT})
     return {
         "name": "server",
         "image": image,
         "command": command,
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/var/cache/tunery/huggingface"}],
-        "ports": [{"name": "http", "containerPort": contract.SERVING_PORT}],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/var/cache/tunery/huggingface"},
+            *_api_key_env(target, api_key_env),
+        ],
+        "ports": ports,
         "resources": _resources(target),
         "volumeMounts": [
             {"name": MODEL_VOLUME, "mountPath": MODEL_MOUNT, "readOnly": True},
@@ -181,9 +241,10 @@ def _builtin_container(target: ServingTarget) -> dict[str, Any]:
         MODEL_DIR,
         "--host=0.0.0.0",
         f"--port={contract.SERVING_PORT}",
-        f"--name={target.model_name}",
+        f"--metrics-port={contract.SERVING_METRICS_PORT}",
+        f"--name={literal(target.model_name)}",
     ]
-    return _server_container(target, target.image, command, "/readyz")
+    return _server_container(target, target.image, command, "/readyz", contract.API_KEY_ENV, metrics_port=True)
 
 
 def _vllm_container(target: ServingTarget) -> dict[str, Any]:
@@ -197,6 +258,9 @@ def _vllm_container(target: ServingTarget) -> dict[str, Any]:
         f'else exec vllm serve {MODEL_DIR}/base --enable-lora --lora-modules "$MODEL_NAME={MODEL_DIR}/adapter" '
         f"--host 0.0.0.0 --port {contract.SERVING_PORT}; fi",
     ]
-    container = _server_container(target, target.vllm_image, command, "/health")
-    container["env"].append({"name": "MODEL_NAME", "value": target.model_name})
+    # vLLM reads VLLM_API_KEY itself and then refuses /v1 requests without it.
+    container = _server_container(
+        target, target.vllm_image, command, "/health", contract.VLLM_API_KEY_ENV, metrics_port=False
+    )
+    container["env"].append({"name": "MODEL_NAME", "value": literal(target.model_name)})
     return container

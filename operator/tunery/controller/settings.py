@@ -1,9 +1,12 @@
 """The operator's settings, read from TUNERY_* environment variables."""
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tunery.api.policy import Policy, load_policy
 
 
 class OperatorSettings(BaseSettings):
@@ -19,8 +22,9 @@ class OperatorSettings(BaseSettings):
     """The vLLM image for spec.serving.runtime vllm."""
     serving_progress_deadline_seconds: int = Field(900, ge=10)
     """How long a serving rollout may take before it is reported Failed (the previous model keeps serving)."""
-    allow_image_override: bool = False
-    """Whether spec.image may replace the trainer image."""
+    policy_file: Path | None = None
+    """The platform's policy (YAML, tunery.api.policy.Policy; the chart mounts its `policy` values); empty applies
+    the default policy."""
     workers: int = Field(20, ge=1)
     """Concurrent reconciliations."""
     pending_recheck_seconds: float = Field(15.0, gt=0)
@@ -42,3 +46,7 @@ class OperatorSettings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def policy(self) -> Policy:
+        """The policy file's, or the default policy."""
+        return load_policy(self.policy_file) if self.policy_file else Policy()
