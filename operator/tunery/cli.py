@@ -8,6 +8,7 @@ import yaml
 from rich.console import Console
 
 from tunery.api.crd import render_crd_yaml
+from tunery.api.policy import Policy, PolicyError, load_policy, validate_for_cluster
 from tunery.api.resource import API_VERSION, KIND
 from tunery.api.validation import validate_manifest
 from tunery.manifests import UnreadableManifest, read_documents
@@ -22,9 +23,17 @@ def validate(
     files: Annotated[
         list[str], typer.Argument(help="FineTuneJob manifests (YAML, several documents allowed); - reads stdin.")
     ],
+    policy_file: Annotated[
+        Path | None, typer.Option("--policy", help="The operator's policy file (default: the default policy).")
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Check manifests meant for `tunery run` (file:// allowed, no policy).")
+    ] = False,
 ) -> None:
-    """Check FineTuneJob manifests: schema and cross-field rules. Exit 0 valid, 1 invalid, 2 unreadable."""
+    """Check FineTuneJob manifests as the cluster's operator would: schema, cross-field rules and the operator's
+    policy (or, with --local, as `tunery run` would). Exit 0 valid, 1 invalid, 2 unreadable."""
     out = Console(highlight=False, soft_wrap=True)
+    policy = _policy_or_exit(out, policy_file, local)
     invalid = unreadable = False
     for source in files:
         try:
@@ -40,7 +49,7 @@ def validate(
             if isinstance(content, dict) and content.get("kind") != KIND:
                 out.print(f"[yellow]-[/yellow] {document.label}: skipped, not a {API_VERSION} {KIND}")
                 continue
-            errors = validate_manifest(content)
+            errors = validate_manifest(content) if policy is None else validate_for_cluster(content, policy)
             if not errors:
                 out.print(f"[green]✓[/green] {document.label}: valid")
                 continue
@@ -49,6 +58,52 @@ def validate(
             for error in errors:
                 out.print(f"    {error.path}: {error.message}", markup=False)
     raise typer.Exit(EXIT_UNREADABLE if unreadable else EXIT_INVALID if invalid else EXIT_VALID)
+
+
+def _policy_or_exit(out: Console, policy_file: Path | None, local: bool) -> Policy | None:
+    """The policy to check against; None for --local manifests, which the operator never sees."""
+    if local and policy_file:
+        out.print("[red]✗[/red] --local checks manifests for `tunery run`, where no policy applies: drop --policy")
+        raise typer.Exit(EXIT_UNREADABLE)
+    if local:
+        return None
+    try:
+        return load_policy(policy_file) if policy_file else Policy()
+    except PolicyError as exc:
+        out.print(f"[red]✗[/red] {exc}", markup=False)
+        raise typer.Exit(EXIT_UNREADABLE) from exc
+
+
+@app.command()
+def render(
+    file: Annotated[str, typer.Argument(help="One FineTuneJob manifest (YAML); - reads stdin.")],
+    policy_file: Annotated[
+        Path | None, typer.Option("--policy", help="The operator's policy file (default: the default policy).")
+    ] = None,
+) -> None:
+    """Print every object the operator would create for a manifest (serving as it will be once the model is
+    published), as multi-document YAML; or the refusals `tunery validate` prints. Exit 0, 1 refused, 2 unreadable."""
+    from tunery.controller.preview import preview
+    from tunery.controller.settings import OperatorSettings
+
+    out = Console(highlight=False, soft_wrap=True, stderr=True)
+    policy = _policy_or_exit(out, policy_file, local=False)
+    try:
+        documents = read_documents(file)
+    except UnreadableManifest as exc:
+        out.print(f"[red]✗[/red] {exc}", markup=False)
+        raise typer.Exit(EXIT_UNREADABLE) from exc
+    if len(documents) != 1:
+        out.print(f"[red]✗[/red] {file}: holds {len(documents)} documents; tunery render takes one FineTuneJob")
+        raise typer.Exit(EXIT_UNREADABLE)
+    (document,) = documents
+    errors = validate_for_cluster(document.content, policy)
+    if errors:
+        out.print(f"[red]✗[/red] {document.label}: the operator would refuse it")
+        for error in errors:
+            out.print(f"    {error.path}: {error.message}", markup=False)
+        raise typer.Exit(EXIT_INVALID)
+    typer.echo(yaml.safe_dump_all(preview(document.content, OperatorSettings(), policy), sort_keys=False), nl=False)
 
 
 @app.command()
@@ -109,8 +164,21 @@ def serve(
     max_tokens_limit: Annotated[
         int, typer.Option("--max-tokens-limit", min=1, help="Most tokens one request may generate.")
     ] = 512,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            "--metrics-port", min=0, max=65535, help="Port of Prometheus' /metrics, apart from the API (0: none)."
+        ),
+    ] = 9090,
+    max_concurrent_requests: Annotated[
+        int,
+        typer.Option("--max-concurrent-requests", min=1, help="Requests in flight, queued ones included (429 beyond)."),
+    ] = 8,
 ) -> None:
-    """Serve a published model over an OpenAI-compatible HTTP API (see docs/serving.md)."""
+    """Serve a published model over an OpenAI-compatible HTTP API (see docs/serving.md).
+
+    With TUNERY_API_KEY set, every request but the probes needs the header `Authorization: Bearer KEY`.
+    """
     out = Console(highlight=False, soft_wrap=True, stderr=True)
 
     def missing(exc: ModuleNotFoundError) -> typer.Exit:
@@ -125,13 +193,26 @@ def serve(
     except ModuleNotFoundError as exc:
         raise missing(exc) from exc
     try:
-        code = serve_model(uri, host, port, name, model_dir, max_request_bytes, max_tokens_limit)
+        code = serve_model(
+            uri,
+            host,
+            port,
+            name,
+            model_dir,
+            max_request_bytes,
+            max_tokens_limit,
+            metrics_port=metrics_port,
+            max_concurrent_requests=max_concurrent_requests,
+        )
     except ModuleNotFoundError as exc:
         raise missing(exc) from exc
     except SourceError as exc:
         out.print(f"[red]✗[/red] cannot serve {uri}")
         out.print(f"    {exc}", markup=False)
         raise typer.Exit(EXIT_UNREADABLE) from exc
+    except OSError as exc:
+        out.print(f"[red]✗[/red] cannot serve {uri}: {exc}", markup=False)
+        raise typer.Exit(EXIT_INVALID) from exc
     if code != 0:
         out.print("[red]✗[/red] the model failed to load; the reason is logged above")
         raise typer.Exit(code)
@@ -156,4 +237,10 @@ def operator() -> None:
     from tunery.controller.handlers import run
     from tunery.controller.settings import OperatorSettings
 
-    run(OperatorSettings())
+    settings = OperatorSettings()
+    try:
+        settings.policy()
+    except PolicyError as exc:
+        Console(stderr=True).print(f"✗ {exc}", markup=False)
+        raise typer.Exit(EXIT_UNREADABLE) from exc
+    run(settings)

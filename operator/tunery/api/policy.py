@@ -2,13 +2,14 @@
 
 import fnmatch
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
 
 from tunery.api.base import ApiModel
 from tunery.api.spec import FineTuneJobSpec
-from tunery.api.validation import FieldError
+from tunery.api.validation import FieldError, validate_manifest
 
 _CONTROL_PLANE_KEYS = ["node-role.kubernetes.io/*"]
 
@@ -76,6 +77,15 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(f"{path}: not a valid policy: {problems}") from exc
 
 
+def validate_for_cluster(manifest: Any, policy: Policy) -> list[FieldError]:
+    """Everything the operator refuses of a manifest: its schema and rules first, then what the cluster forbids."""
+    errors = validate_manifest(manifest)
+    if errors:
+        return errors
+    spec = FineTuneJobSpec.model_validate(manifest["spec"])
+    return check_cluster(spec, (manifest.get("metadata") or {}).get("namespace"), policy)
+
+
 def check_cluster(spec: FineTuneJobSpec, namespace: str | None, policy: Policy) -> list[FieldError]:
     """What a spec asks that the cluster's operator refuses: local-only URIs and everything the policy forbids."""
     return _local_only_uris(spec) + _policy_errors(spec, namespace, policy)
@@ -130,15 +140,16 @@ def _policy_errors(spec: FineTuneJobSpec, namespace: str | None, policy: Policy)
         errors.append(
             FieldError(
                 "spec.resources.nodes",
-                f"{resources.nodes} nodes is more than the operator's policy allows (maxNodes {policy.max_nodes})",
+                f"{resources.nodes} nodes is more than the {policy.max_nodes} the operator's policy allows one "
+                "FineTuneJob (maxNodes): ask for fewer",
             )
         )
     if spec.serving.enabled and spec.serving.replicas > policy.max_serving_replicas:
         errors.append(
             FieldError(
                 "spec.serving.replicas",
-                f"{spec.serving.replicas} replicas is more than the operator's policy allows "
-                f"(maxServingReplicas {policy.max_serving_replicas})",
+                f"{spec.serving.replicas} replicas is more than the {policy.max_serving_replicas} the operator's "
+                "policy allows one FineTuneJob (maxServingReplicas): ask for fewer",
             )
         )
     if resources.priority_class_name and not policy.priority_classes.permits(resources.priority_class_name):

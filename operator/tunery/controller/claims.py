@@ -15,20 +15,31 @@ class ClaimMounts:
     mounts: list[dict[str, Any]]
 
 
-def claim_mounts(read_only: list[str | None], writable: list[str | None] = ()) -> ClaimMounts:
-    """Mounts at PVC_MOUNT_ROOT/CLAIM/DIR for pvc://CLAIM/DIR/ prefixes and the directory of pvc://CLAIM/DIR/FILE.
+def claim_mounts(
+    directories: list[str | None], data: list[str | None] = (), writable: list[str | None] = ()
+) -> ClaimMounts:
+    """Mounts at PVC_MOUNT_ROOT/CLAIM/PATH of pvc://CLAIM/PATH URIs: model `directories` and `writable` output
+    directories whole, `data` (a file, or a prefix ending in /) as the prefix or the file's directory.
 
     A file's directory is mounted rather than the file: the kubelet would create a missing subPath as a directory.
     The paths cannot leave their claim (the API refuses '.', '..' and empty segments), and the kubelet resolves a
     subPath inside the volume. A directory both read and written is mounted writable, once.
     """
     wanted: dict[tuple[str, str], bool] = {}
-    for uris, writes in ((read_only, False), (writable, True)):
-        for uri in uris:
-            if uri and uri.startswith("pvc://"):
-                claim, _, path = uri.removeprefix("pvc://").partition("/")
-                directory = path.rstrip("/") if uri.endswith("/") or not path else posixpath.dirname(path)
-                wanted[(claim, directory)] = wanted.get((claim, directory), False) or writes
+
+    def want(uri: str | None, whole: bool, writes: bool) -> None:
+        if not uri or not uri.startswith("pvc://"):
+            return
+        claim, _, path = uri.removeprefix("pvc://").partition("/")
+        directory = path.rstrip("/") if whole or path.endswith("/") else posixpath.dirname(path)
+        wanted[(claim, directory)] = wanted.get((claim, directory), False) or writes
+
+    for uri in directories:
+        want(uri, whole=True, writes=False)
+    for uri in data:
+        want(uri, whole=False, writes=False)
+    for uri in writable:
+        want(uri, whole=True, writes=True)
     claims = sorted({claim for claim, _ in wanted})
     volume_of = {claim: f"claim-{index}" for index, claim in enumerate(claims)}
     volumes = [{"name": volume_of[claim], "persistentVolumeClaim": {"claimName": claim}} for claim in claims]

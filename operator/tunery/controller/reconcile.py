@@ -8,14 +8,13 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from tunery.api.policy import Policy, check_cluster
+from tunery.api.policy import Policy, validate_for_cluster
 from tunery.api.spec import FineTuneJobSpec
-from tunery.api.validation import validate_manifest
 from tunery.controller import decisions, naming
 from tunery.controller.kube import KubeApi, NotOwned, owned_by
 from tunery.controller.metrics import OperatorMetrics
-from tunery.controller.render import TrainingTarget, render_training_children
-from tunery.controller.serving import ServingTarget, render_serving_children
+from tunery.controller.render import TrainingTarget, render_training_children, training_target
+from tunery.controller.serving import render_serving_children, serving_target
 from tunery.controller.settings import OperatorSettings
 
 # Posts a Kubernetes Event about a FineTuneJob: (body, type, reason, message).
@@ -81,26 +80,14 @@ class Reconciler:
     async def _observe(self, body: dict[str, Any]) -> decisions.Observation:
         metadata = body["metadata"]
         generation = metadata.get("generation", 1)
-        errors = validate_manifest(_without_status(body))
+        errors = validate_for_cluster(_without_status(body), self._policy)
         if errors:
             return decisions.Observation(generation, revision="", spec_errors=errors)
         spec = FineTuneJobSpec.model_validate(body["spec"])
-        errors = check_cluster(spec, metadata["namespace"], self._policy)
-        if errors:
-            return decisions.Observation(generation, revision="", spec_errors=errors)
         revision = naming.revision(spec)
-        queue = (metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL)
-        job_name = naming.job_name(metadata["name"], revision)
-        existing = await self._api.get_job(metadata["namespace"], job_name)
-        target = TrainingTarget(
-            name=metadata["name"],
-            namespace=metadata["namespace"],
-            uid=metadata["uid"],
-            spec=spec,
-            revision=revision,
-            image=_running_image(existing) or spec.image or self._settings.trainer_image,
-            queue_name=queue,
-        )
+        existing = await self._api.get_job(metadata["namespace"], naming.job_name(metadata["name"], revision))
+        image = _running_image(existing, metadata["uid"]) or spec.image or self._settings.trainer_image
+        target = training_target(metadata, spec, image)
         try:
             applied = [await self._api.apply_owned(child) for child in render_training_children(target)]
         except NotOwned as conflict:
@@ -111,7 +98,13 @@ class Reconciler:
         warnings = [] if pods or job is None else await self._api.list_job_warnings(target.namespace, target.job_name)
         model = {"uri": target.output_prefix, "name": spec.output.name or target.name}
         return decisions.Observation(
-            generation, revision, job=job, pods=pods, job_warnings=warnings, queued=queue is not None, model=model
+            generation,
+            revision,
+            job=job,
+            pods=pods,
+            job_warnings=warnings,
+            queued=target.queue_name is not None,
+            model=model,
         )
 
     async def _serve(
@@ -139,19 +132,7 @@ class Reconciler:
             model, model_revision = previous.get("model"), previous.get("modelRevision")
         if not model or not model_revision:
             return replace(observation, serving_enabled=True)
-        target = ServingTarget(
-            name=name,
-            namespace=namespace,
-            uid=metadata["uid"],
-            spec=spec,
-            model_uri=model["uri"],
-            model_revision=model_revision,
-            model_name=model["name"],
-            image=spec.image or self._settings.trainer_image,
-            vllm_image=self._settings.vllm_image,
-            progress_deadline_seconds=self._settings.serving_progress_deadline_seconds,
-            platform_client_namespace_labels=self._policy.serving_client_namespace_labels,
-        )
+        target = serving_target(metadata, spec, model, model_revision, self._settings, self._policy)
         try:
             applied = [await self._api.apply_owned(child) for child in render_serving_children(target)]
         except NotOwned as conflict:
@@ -171,10 +152,10 @@ class Reconciler:
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
 
 
-def _running_image(job: dict[str, Any] | None) -> str | None:
+def _running_image(job: dict[str, Any] | None, owner_uid: str) -> str | None:
     """A Job's pod template is immutable: a revision keeps the trainer image it started with, even after the
-    operator is upgraded to another default image."""
-    if job is None:
+    operator is upgraded to another default image. Only its own Job says so: a foreign one is refused later."""
+    if job is None or not owned_by(job, owner_uid):
         return None
     return next(c["image"] for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer")
 

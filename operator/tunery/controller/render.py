@@ -38,6 +38,19 @@ class TrainingTarget:
         return self.spec.resources.nodes > 1 or self.spec.resources.gpus > 1
 
 
+def training_target(metadata: dict[str, Any], spec: FineTuneJobSpec, image: str) -> TrainingTarget:
+    """The current revision of the FineTuneJob with this metadata; a Kueue queue label is passed on."""
+    return TrainingTarget(
+        name=metadata["name"],
+        namespace=metadata["namespace"],
+        uid=metadata["uid"],
+        spec=spec,
+        revision=naming.revision(spec),
+        image=image,
+        queue_name=(metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL),
+    )
+
+
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
@@ -188,8 +201,9 @@ def _command(target: TrainingTarget) -> tuple[list[str], list[dict[str, Any]]]:
 def training_claims(spec: FineTuneJobSpec) -> ClaimMounts:
     """The trainer reads its inputs from claims read-only and writes only its output."""
     tokenizer = spec.base_model.tokenizer.uri if spec.base_model.tokenizer else None
-    inputs = [spec.base_model.uri, tokenizer, spec.dataset.train, spec.dataset.validation]
-    return claim_mounts(inputs, [spec.output.uri])
+    return claim_mounts(
+        [spec.base_model.uri, tokenizer], [spec.dataset.train, spec.dataset.validation], [spec.output.uri]
+    )
 
 
 def _resources(target: TrainingTarget) -> dict[str, Any]:

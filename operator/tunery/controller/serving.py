@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunery.api import contract
+from tunery.api.policy import Policy
 from tunery.api.spec import FineTuneJobSpec
 from tunery.controller import naming
 from tunery.controller.claims import ClaimMounts, claim_mounts
@@ -15,6 +16,7 @@ from tunery.controller.render import (
     restricted_pod_security,
     storage_env,
 )
+from tunery.controller.settings import OperatorSettings
 
 MODEL_VOLUME = "model"
 MODEL_MOUNT = "/models"
@@ -48,6 +50,30 @@ class ServingTarget:
     def endpoint(self) -> str:
         """The in-cluster base URL of the OpenAI-compatible API."""
         return f"http://{self.deployment_name}.{self.namespace}.svc.cluster.local/v1"
+
+
+def serving_target(
+    metadata: dict[str, Any],
+    spec: FineTuneJobSpec,
+    model: dict[str, str],
+    model_revision: str,
+    settings: OperatorSettings,
+    policy: Policy,
+) -> ServingTarget:
+    """The target that serves `model` ({uri, name}) of the FineTuneJob with this metadata."""
+    return ServingTarget(
+        name=metadata["name"],
+        namespace=metadata["namespace"],
+        uid=metadata["uid"],
+        spec=spec,
+        model_uri=model["uri"],
+        model_revision=model_revision,
+        model_name=model["name"],
+        image=spec.image or settings.trainer_image,
+        vllm_image=settings.vllm_image,
+        progress_deadline_seconds=settings.serving_progress_deadline_seconds,
+        platform_client_namespace_labels=policy.serving_client_namespace_labels,
+    )
 
 
 def render_serving_children(target: ServingTarget) -> list[dict[str, Any]]:
