@@ -106,7 +106,7 @@ def test_claims_are_mounted_read_only_for_inputs_and_writable_for_the_output() -
     assert mounts.mounts == [
         {"name": "claim-0", "mountPath": f"{root}/data/sets", "readOnly": True, "subPath": "sets"},
         {"name": "claim-1", "mountPath": f"{root}/store/models/base", "readOnly": True, "subPath": "models/base"},
-        {"name": "claim-1", "mountPath": f"{root}/store/out", "readOnly": False, "subPath": "out"},
+        {"name": "claim-1", "mountPath": f"{root}/store/out", "subPath": "out"},
     ]
 
 
@@ -118,7 +118,7 @@ def test_the_training_job_mounts_the_claims_its_uris_name() -> None:
     assert volume["persistentVolumeClaim"] == {"claimName": "model-store"}
     mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]}
     assert mounts[f"{contract.PVC_MOUNT_ROOT}/model-store/distilbert-base-cased"]["readOnly"] is True
-    assert mounts[f"{contract.PVC_MOUNT_ROOT}/model-store/out/ner"]["readOnly"] is False
+    assert "readOnly" not in mounts[f"{contract.PVC_MOUNT_ROOT}/model-store/out/ner"]
 
 
 def test_no_spec_string_is_expanded_by_the_kubelet() -> None:

@@ -48,8 +48,9 @@ def claim_mounts(
         mount: dict[str, Any] = {
             "name": volume_of[claim],
             "mountPath": posixpath.join(contract.PVC_MOUNT_ROOT, claim, directory).rstrip("/"),
-            "readOnly": not writes,
         }
+        if not writes:
+            mount["readOnly"] = True
         if directory:
             mount["subPath"] = directory
         mounts.append(mount)
