@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from tiny_models import WARM, decoder, encoder, sentence_parts, write_jsonl
 from conftest import REPO_ROOT
 from tunery.local_run import local_config
 from tunery_trainer.job import run
+from tunery_trainer.storage import S3Settings, Storage
 
 TUNERY = Path(sys.executable).parent / "tunery"
 SERVER_ROOT = REPO_ROOT / "trainer_image"
@@ -23,6 +25,8 @@ if importlib.util.find_spec("tunery_server") is None:
     # An editable install made before tunery_server existed does not map it: its source root goes on the path.
     sys.path.insert(0, str(SERVER_ROOT))
 HYPERPARAMETERS = {"maxSteps": 4, "batchSize": 8, "learningRate": 1e-2, "warmupRatio": 0.0}
+# The context of the endless decoder: room for generations long enough to be stopped halfway.
+ENDLESS_CONTEXT = 4096
 
 
 def train_and_publish(root: Path, name: str, spec: dict[str, Any]) -> Path:
@@ -117,6 +121,32 @@ def word_tagger(root: Path) -> Path:
     )
 
 
+def endless_decoder(root: Path) -> Path:
+    """A tiny random Llama, published untrained, whose greedy generations always run to max_tokens.
+
+    Its output weights for the special tokens are zero, so that their logits (0) always lose to the largest of the
+    ~300 small random others: greedy decoding never ends the text, nor emits a token that decodes to nothing.
+    Rotary position embeddings take any context, so it is made long enough for thousands of tokens.
+    """
+    import torch
+    import transformers
+
+    base = decoder(root / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    model.config.max_position_embeddings = ENDLESS_CONTEXT
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.all_special_ids] = 0
+    model.save_pretrained(root / "layout" / "model")
+    tokenizer.save_pretrained(root / "layout" / "model")
+    published = root / "published"
+    # As the trainer publishes (files with their digests, the manifest last), for a model nobody trained.
+    Storage(S3Settings()).publish(
+        root / "layout", f"file://{published}/", {"name": "endless", "task": "causal-lm", "model": "model/"}
+    )
+    return published
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -130,29 +160,47 @@ def server_environment() -> dict[str, str]:
     return environment
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 @dataclass
 class Server:
-    """A `tunery serve` process on loopback, its output in a log file."""
+    """A `tunery serve` process on loopback, its output in a log file, its metrics on a port of their own."""
 
     process: subprocess.Popen
     port: int
+    metrics_port: int
     log: Path
     url: str = field(init=False)
+    metrics_url: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @classmethod
     def start(cls, published: Path | str, log: Path, *args: str, env: dict[str, str] | None = None) -> "Server":
-        port = free_port()
+        # Free ports for both: the metrics' default (9090) would collide between the servers a test starts.
+        port, metrics_port = free_port(), free_port()
         with log.open("wb") as output:
             process = subprocess.Popen(
-                [str(TUNERY), "serve", str(published), "--port", str(port), *args],
+                [str(TUNERY), "serve", str(published), f"--port={port}", f"--metrics-port={metrics_port}", *args],
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env={**server_environment(), **(env or {})},
             )
-        return cls(process, port, log)
+        return cls(process, port, metrics_port, log)
+
+    def metric(self, name: str) -> float:
+        """The value of a series of the server's own model (the first, for a metric with more labels)."""
+        for line in httpx.get(self.metrics_url, timeout=10).text.splitlines():
+            if line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} is not exposed")
 
     def wait_ready(self, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout

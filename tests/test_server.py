@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +12,16 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from server_fixtures import TUNERY, Server, chat_model, sentence_classifier, server_environment, word_tagger
+from prometheus_client import generate_latest
+from server_fixtures import (
+    TUNERY,
+    Server,
+    chat_model,
+    sentence_classifier,
+    server_environment,
+    wait_until,
+    word_tagger,
+)
 from tiny_models import COLORS
 from tunery_server.app import create_app
 from tunery_server.errors import field_path
@@ -145,7 +153,7 @@ def test_streamed_chat(client: openai.OpenAI, servers: dict[str, Server]) -> Non
         temperature=0,
     )
     assert "".join(content) == whole.choices[0].message.content
-    assert metric(servers["chat"], "tunery_server_time_to_first_token_seconds_count") > 0
+    assert servers["chat"].metric("tunery_server_time_to_first_token_seconds_count") > 0
 
 
 def test_streamed_completion(servers: dict[str, Server]) -> None:
@@ -279,21 +287,16 @@ def test_metrics_count_requests_by_endpoint_and_status(servers: dict[str, Server
     url = servers["chat"].url
     httpx.post(f"{url}/v1/completions", json={"prompt": "red", "max_tokens": 2}, timeout=30)
     httpx.post(f"{url}/v1/completions", json={"prompt": "red", "max_tokens": 999}, timeout=30)
-    text = httpx.get(f"{url}/metrics").text
+    text = httpx.get(servers["chat"].metrics_url).text
     assert 'tunery_server_requests_total{endpoint="/v1/completions",model="tiny-chat",status="200"}' in text
     assert 'tunery_server_requests_total{endpoint="/v1/completions",model="tiny-chat",status="400"}' in text
-    assert metric(servers["chat"], "tunery_server_generated_tokens_total") > 0
-    assert metric(servers["chat"], "tunery_server_prompt_tokens_total") > 0
-    assert metric(servers["chat"], "tunery_server_model_loaded") == 1
-    assert metric(servers["chat"], "tunery_server_in_flight_requests") == 0
+    assert servers["chat"].metric("tunery_server_generated_tokens_total") > 0
+    assert servers["chat"].metric("tunery_server_prompt_tokens_total") > 0
+    assert servers["chat"].metric("tunery_server_model_loaded") == 1
+    assert servers["chat"].metric("tunery_server_in_flight_requests") == 0
     assert 'tunery_server_request_duration_seconds_bucket{endpoint="/v1/completions"' in text
-
-
-def metric(server: Server, name: str) -> float:
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} is not exposed")
+    # Only on the metrics port: API clients (other tenants' included) never see them.
+    assert httpx.get(f"{url}/metrics").status_code == 404
 
 
 # The command line --------------------------------------------------------------------------------------------------
@@ -396,13 +399,6 @@ def test_the_init_container_fetches_from_s3_and_the_server_serves_what_it_fetche
 # The app and its parts, in this process ----------------------------------------------------------------------------
 
 
-def wait_until(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_ready_only_once_the_model_is_loaded(published: dict[str, Path], tmp_path: Path) -> None:
 
     gate = threading.Event()
@@ -417,11 +413,15 @@ def test_ready_only_once_the_model_is_loaded(published: dict[str, Path], tmp_pat
         assert http.get("/readyz").status_code == 503
         loading = http.post("/v1/classify", json={"input": "red"})
         assert loading.status_code == 503 and error_of(loading)["code"] == "model_loading"
-        assert 'tunery_server_model_loaded{model="warmth"} 0.0' in http.get("/metrics").text
+        assert 'tunery_server_model_loaded{model="warmth"} 0.0' in exposition(http)
         gate.set()
         wait_until(lambda: http.get("/readyz").status_code == 200)
         assert http.post("/v1/classify", json={"input": "red"}).json()["data"][0]["label"] in ("warm", "cool")
-        assert 'tunery_server_model_loaded{model="warmth"} 1.0' in http.get("/metrics").text
+        assert 'tunery_server_model_loaded{model="warmth"} 1.0' in exposition(http)
+
+
+def exposition(http: TestClient) -> str:
+    return generate_latest(http.app.state.metrics.registry).decode()
 
 
 def test_a_model_that_fails_to_load_is_reported() -> None:

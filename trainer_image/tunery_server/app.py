@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible completions and chat, /v1/classify, probes and metrics, around one model."""
+"""The FastAPI app: OpenAI-compatible completions and chat, /v1/classify and probes, around one model."""
 
 import time
 import uuid
@@ -6,11 +6,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunery_server import schemas, sse
+from tunery_server.disconnect import unless_disconnected
 from tunery_server.errors import install_error_handlers
+from tunery_server.guards import ApiKeyCheck, ConcurrencyLimit
 from tunery_server.metrics import ServerMetrics
 from tunery_server.middleware import BodySizeLimit, RequestMetrics
 from tunery_server.model import CLASSIFIERS, GENERATIVE, ServedModel
@@ -25,7 +27,10 @@ def create_app(
     loader: Callable[[], ServedModel],
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """The app for one model; `loader` runs on a background thread at startup, so the probes answer at once."""
+    """The app for one model; `loader` runs on a background thread at startup, so the probes answer at once.
+
+    Its metrics are in `app.state.metrics`, for the caller to expose on a port of its own.
+    """
     metrics = ServerMetrics(settings.name)
     service = ModelService(settings, loader, metrics, on_load_failure)
     created = int(time.time())
@@ -53,10 +58,6 @@ def create_app(
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ready", "model": settings.name, "task": service.model.task})
 
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
     @app.get(MODELS)
     async def list_models() -> dict[str, Any]:
         service.served(None, ANY_TASK, MODELS)
@@ -68,7 +69,7 @@ def create_app(
         return schemas.dump(schemas.ModelCard(id=settings.name, created=created))
 
     @app.post(COMPLETIONS, response_model=None)
-    async def completions(request: schemas.CompletionRequest) -> dict[str, Any] | StreamingResponse:
+    async def completions(request: schemas.CompletionRequest, http: Request) -> dict[str, Any] | StreamingResponse:
         started = time.perf_counter()
         model = service.served(request.model, GENERATIVE, COMPLETIONS)
         prepared = await service.prepare_completion(model, request)
@@ -76,12 +77,12 @@ def create_app(
         events = service.generate(model, prepared, started)
         if request.stream:
             return sse.event_stream(sse.completion_chunks(events, identity, prepared, request))
-        text, outcome = await sse.collect(events)
+        text, outcome = await unless_disconnected(http, sse.collect(events))
         choice = schemas.CompletionChoice(text=text, finish_reason=outcome.finish_reason)
         return schemas.dump(schemas.Completion(**identity, choices=[choice], usage=sse.usage(prepared, outcome)))
 
     @app.post(CHAT, response_model=None)
-    async def chat_completions(request: schemas.ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(request: schemas.ChatRequest, http: Request) -> dict[str, Any] | StreamingResponse:
         started = time.perf_counter()
         model = service.served(request.model, GENERATIVE, CHAT)
         prepared = await service.prepare_chat(model, request)
@@ -89,7 +90,7 @@ def create_app(
         events = service.generate(model, prepared, started)
         if request.stream:
             return sse.event_stream(sse.chat_chunks(events, identity, prepared, request))
-        text, outcome = await sse.collect(events)
+        text, outcome = await unless_disconnected(http, sse.collect(events))
         message = schemas.AssistantMessage(content=text)
         choice = schemas.ChatChoice(message=message, finish_reason=outcome.finish_reason)
         return schemas.dump(schemas.ChatCompletion(**identity, choices=[choice], usage=sse.usage(prepared, outcome)))
@@ -99,8 +100,18 @@ def create_app(
         model = service.served(request.model, CLASSIFIERS, CLASSIFY)
         return schemas.dump(await service.classify(model, request))
 
+    # Each middleware added wraps those before it. Inside out: a place among the N in flight is taken only once the
+    # body is in (a slow sender holds none), bodies are read only for clients with the key, and every refusal counts.
+    app.add_middleware(
+        ConcurrencyLimit,
+        limit=settings.max_concurrent_requests,
+        paths=frozenset({COMPLETIONS, CHAT, CLASSIFY}),
+        metrics=metrics,
+    )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    # Added last, so outermost: requests refused for their size are counted too.
+    if settings.api_key:
+        app.add_middleware(ApiKeyCheck, key=settings.api_key)
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=frozenset({COMPLETIONS, CHAT, CLASSIFY, MODELS}))
     app.state.service = service
+    app.state.metrics = metrics
     return app

@@ -12,7 +12,7 @@ SERVER_ERROR = "server_error"
 
 
 class ApiError(Exception):
-    """An error answered to the client: HTTP status, message, the request field at fault (if any) and a code."""
+    """An error answered to the client: HTTP status, message, the request field at fault (if any), a code, headers."""
 
     def __init__(
         self,
@@ -21,6 +21,7 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = INVALID_REQUEST,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -28,12 +29,13 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:

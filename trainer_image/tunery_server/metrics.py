@@ -1,13 +1,17 @@
 """The server's Prometheus metrics, on a registry of their own, every series labelled with the served model."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class ServerMetrics:
-    """Requests by endpoint and status, their durations, tokens in and out, time to first token, model state."""
+    """Requests by endpoint and status, their durations, tokens in and out, time to first token, model state, and
+    requests refused for the concurrency limit or given up on for clients that left."""
 
     def __init__(self, model: str) -> None:
         self.registry = CollectorRegistry()
@@ -53,6 +57,18 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         ).labels(model)
+        self._throttled = Counter(
+            "tunery_server_requests_throttled",
+            "Requests refused with 429 because --max-concurrent-requests were in flight.",
+            ["model"],
+            registry=self.registry,
+        ).labels(model)
+        self._cancelled = Counter(
+            "tunery_server_requests_cancelled",
+            "Generations stopped early because their client disconnected.",
+            ["model"],
+            registry=self.registry,
+        ).labels(model)
 
     def request_started(self) -> None:
         self._in_flight.inc()
@@ -74,5 +90,28 @@ class ServerMetrics:
     def set_loaded(self, loaded: bool) -> None:
         self._loaded.set(1 if loaded else 0)
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def count_throttled(self) -> None:
+        self._throttled.inc()
+
+    def count_cancelled(self) -> None:
+        self._cancelled.inc()
+
+    @contextmanager
+    def served(self, host: str, port: int) -> Iterator[None]:
+        """Expose the registry on a port of its own while in the block: API clients never reach it there.
+
+        Raises OSError, naming the option, when the port cannot be listened on.
+        """
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as error:
+            raise OSError(
+                f"cannot serve metrics on {host}:{port} ({error.strerror or error}): choose another --metrics-port, "
+                "or 0 for none"
+            ) from error
+        try:
+            yield
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()

@@ -35,7 +35,7 @@ class ModelService:
     """Owns the model: loads it on a background thread, then runs every request on one worker thread.
 
     One worker serialises the model (its lock makes that safe for any other caller too) and keeps the event loop
-    free to answer probes and /metrics while it works; waiting requests queue in front of it.
+    free to answer the probes while it works; waiting requests queue in front of it.
     """
 
     def __init__(
@@ -192,20 +192,31 @@ class ModelService:
                 except RuntimeError:
                     cancelled.set()  # the event loop is gone: the server is stopping
 
+        def count_generated(done: asyncio.Future[Generated]) -> None:
+            # Counted when the model stops, so that the tokens generated for a client who left count too.
+            if not done.cancelled() and done.exception() is None:
+                self.metrics.add_generated_tokens(done.result().completion_tokens)
+
         self.metrics.add_prompt_tokens(len(prepared.prompt_ids))
         future = loop.run_in_executor(
             self._executor, model.generate, prepared.prompt_ids, prepared.params, on_text, cancelled
         )
+        future.add_done_callback(count_generated)
         # Scheduled after every delta the worker queued, so it comes last.
         future.add_done_callback(lambda _: queue.put_nowait(None))
+        outcome: Generated | None = None
         try:
             while (delta := await queue.get()) is not None:
                 yield delta
             outcome = future.result()
-            self.metrics.add_generated_tokens(outcome.completion_tokens)
             yield outcome
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client left (a stream cancelled, a whole answer given up on) before the outcome was out.
+            if outcome is None:
+                self.metrics.count_cancelled()
+            raise
         finally:
-            # A client gone mid-stream stops the generation at its next token (or before it starts, if queued).
+            # A client gone stops the generation at its next token (or before it starts, if queued).
             cancelled.set()
 
     # Classification -----------------------------------------------------------------------------------------------
