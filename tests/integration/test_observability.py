@@ -262,19 +262,20 @@ def exercise_server(url: str) -> None:
         time.sleep(1.5)
     assert fetch(f"{url}/v1/models")[0] == 200
     # One request lasts tens of ms, too short for a 1 s scrape to see it in flight; a burst queues for the model
-    # and keeps tunery_server_in_flight_requests above 0 for a few seconds.
-    with ThreadPoolExecutor(max_workers=12) as pool:
+    # and keeps tunery_server_in_flight_requests above 0 for a few seconds. As many as the server's default
+    # --max-concurrent-requests (8), so that none is refused.
+    with ThreadPoolExecutor(max_workers=8) as pool:
         statuses = list(
-            pool.map(lambda _: fetch(f"{url}/v1/completions", {**completion, "max_tokens": 100})[0], range(12))
+            pool.map(lambda _: fetch(f"{url}/v1/completions", {**completion, "max_tokens": 150})[0], range(8))
         )
-    assert statuses == [200] * 12
+    assert statuses == [200] * 8
 
 
 @pytest.fixture(scope="module")
 def observed(kube: Kube, promtool: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     work = tmp_path_factory.mktemp("observability")
     prometheus = Prometheus(promtool.parent / "prometheus", work)
-    operator_port, trainer_port, server_port = free_port(), free_port(), free_port()
+    operator_port, trainer_port, server_port, server_metrics_port = free_port(), free_port(), free_port(), free_port()
     operator = OperatorProcess(
         kube, work / "operator.log", NAMESPACE, TUNERY_METRICS_PORT=str(operator_port), TUNERY_HEALTH_PORT="0"
     )
@@ -316,9 +317,13 @@ def observed(kube: Kube, promtool: Path, tmp_path_factory: pytest.TempPathFactor
         )
 
         (published,) = (work / "out").iterdir()
-        server = launch([TUNERY, "serve", str(published), f"--port={server_port}"], work / "server.log")
+        server = launch(
+            [TUNERY, "serve", str(published), f"--port={server_port}", f"--metrics-port={server_metrics_port}"],
+            work / "server.log",
+        )
         started.append(server)
-        prometheus.set_target("tunery-serving", server_port, JOB_LABELS)
+        # Scraped on its own port, as the serving pod's is: the API port has no /metrics.
+        prometheus.set_target("tunery-serving", server_metrics_port, JOB_LABELS)
         server_url = f"http://127.0.0.1:{server_port}"
         deadline = time.monotonic() + 120
         while fetch_status(f"{server_url}/readyz") != 200:
@@ -331,7 +336,7 @@ def observed(kube: Kube, promtool: Path, tmp_path_factory: pytest.TempPathFactor
         expositions = {
             "operator": fetch(f"http://127.0.0.1:{operator_port}/metrics")[1].decode(),
             "trainer": recorder.text,
-            "server": fetch(f"{server_url}/metrics")[1].decode(),
+            "server": fetch(f"http://127.0.0.1:{server_metrics_port}/metrics")[1].decode(),
         }
         yield Observed(prometheus, start, time.time(), expositions, (work / "trainer.log").read_text())
     finally:
