@@ -1,5 +1,6 @@
 """Storage on local paths (file://, pvc://): fetch, publish with the manifest last, and refusing incomplete uploads."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,43 @@ def test_an_unreachable_hub_model_says_to_copy_it_to_s3(monkeypatch, tmp_path: P
     ) as raised:
         download_from_hub("hf://nobody/no-model@main")
     assert raised.value.reason == "ObjectMissing"
+
+
+@pytest.mark.parametrize("uri", ["pvc://claim/../other", "pvc://claim/a/../../..", "pvc://../etc", "pvc:///etc"])
+def test_pvc_paths_cannot_leave_their_claim(uri: str) -> None:
+    with pytest.raises(StorageError, match="outside") as refused:
+        Location.parse(uri)
+    assert refused.value.reason == "UnsafePath"
+
+
+def test_a_published_manifest_cannot_write_or_read_outside(storage: Storage, tmp_path: Path) -> None:
+    storage.publish(model_dir(tmp_path / "model"), f"file://{tmp_path}/published/")
+    manifest_path = tmp_path / "published" / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    (tmp_path / "outside.txt").write_text("not part of the model")
+    for path in ("../outside.txt", str(tmp_path / "outside.txt")):
+        manifest["files"] = [{"path": path, "size": 1, "sha256": "0" * 64}]
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(StorageError, match="outside") as refused:
+            storage.fetch_published(f"file://{tmp_path}/published/", tmp_path / "fetched" / "deep")
+        assert refused.value.reason == "UnsafePath" and path in refused.value.message
+
+
+def test_links_out_of_a_local_source_are_not_followed(storage: Storage, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "token").write_text("the pod's token")
+    source = model_dir(tmp_path / "model")
+    (source / "adapter" / "inner-link.safetensors").symlink_to(source / "adapter" / "adapter_model.safetensors")
+    (source / "token").symlink_to(secret / "token")
+    with pytest.raises(StorageError, match="token.*outside") as refused:
+        storage.fetch(f"file://{source}/", tmp_path / "fetched")
+    assert refused.value.reason == "UnsafePath"
+    (source / "token").unlink()
+    (source / "secrets").symlink_to(secret)
+    with pytest.raises(StorageError, match="secrets.*outside"):
+        storage.fetch(f"file://{source}/", tmp_path / "fetched-again")
+    (source / "secrets").unlink()
+    fetched = storage.fetch(f"file://{source}/", tmp_path / "fetched-inside")
+    assert (tmp_path / "fetched-inside" / "adapter" / "inner-link.safetensors").read_bytes() == b"\x00" * 1000
+    assert len(fetched) == 3

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
 from tunery.api import contract
+from tunery_trainer.redaction import redact
 
 MANIFEST_NAME = "tunery-manifest.json"
 _MIB = 1024 * 1024
@@ -24,9 +26,9 @@ class StorageError(Exception):
     """A storage problem the user must fix; `reason` is the CamelCase class reported in the FineTuneJob status."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
         self.reason = reason
-        self.message = message
+        self.message = redact(message)
+        super().__init__(self.message)
 
 
 def download_from_hub(uri: str) -> Path:
@@ -65,7 +67,13 @@ class Location:
             return cls(uri, None, "", Path(rest))
         if scheme == "pvc":
             claim, _, path = rest.partition("/")
-            return cls(uri, None, "", Path(contract.PVC_MOUNT_ROOT) / claim / path)
+            mount = Path(contract.PVC_MOUNT_ROOT) / claim
+            local = Path(os.path.normpath(mount / path))
+            if claim in ("", ".", "..") or not local.is_relative_to(mount):
+                raise StorageError(
+                    "UnsafePath", f"{uri}: leads outside the claim's mount {mount}: name a path inside it, without '..'"
+                )
+            return cls(uri, None, "", local)
         raise StorageError(
             "UnsupportedUri", f"{uri}: only s3://, file:// and pvc:// locations can be read or written here"
         )
@@ -106,9 +114,10 @@ class Storage:
             return self._fetch_local(location, destination)
         with self._explained(location):
             if not location.is_prefix:
-                return [self._download(location.bucket, location.key, destination / Path(location.key).name)]
+                name = Path(location.key).name
+                return [self._download(location.bucket, location.key, _inside(destination, name, uri))]
             return [
-                self._download(location.bucket, key, destination / key[len(location.key) :])
+                self._download(location.bucket, key, _inside(destination, key[len(location.key) :], uri))
                 for key in self._list(location)
             ]
 
@@ -125,9 +134,12 @@ class Storage:
         files = []
         with self._explained(location):
             for entry in manifest["files"]:
-                target = destination / entry["path"]
+                target = _inside(destination, entry["path"], prefix)
                 if location.local is not None:
-                    source = location.local / entry["path"]
+                    # Resolved: a link in the published directory must not lead the copy out of it.
+                    source = _inside(location.local.resolve(), entry["path"], prefix).resolve()
+                    if not source.is_relative_to(location.local.resolve()):
+                        raise _unsafe(prefix, entry["path"])
                     if source.is_file():
                         target.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(source, target)
@@ -241,7 +253,15 @@ class Storage:
         if not source.is_dir() or not any(source.iterdir()):
             raise StorageError("ObjectMissing", f"{location.uri}: no such file or directory, or it is empty")
         files = []
+        root = source.resolve()
         for path in sorted(source.rglob("*")):
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                # On a pvc:// claim the tenant places links: one to the pod's token or another mount would copy it.
+                raise StorageError(
+                    "UnsafePath",
+                    f"{location.uri}: {path.relative_to(source)} is a link to outside the directory: refusing to "
+                    "follow it; put the file itself there",
+                )
             if path.is_file():
                 target = destination / path.relative_to(source)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +308,23 @@ class Storage:
         except ClientError as error:
             return error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound")
         return True
+
+
+def _inside(root: Path, relative: str, uri: str) -> Path:
+    """root/relative, refused when a hostile name (with '..', or absolute) would place it outside root."""
+    root = Path(os.path.normpath(root))
+    target = Path(os.path.normpath(root / relative))
+    if target == root or not target.is_relative_to(root):
+        raise _unsafe(uri, relative)
+    return target
+
+
+def _unsafe(uri: str, name: str) -> StorageError:
+    return StorageError(
+        "UnsafePath",
+        f"{uri}: {name!r} leads outside the directory it is fetched into: refusing it (a name with '..' or a "
+        "leading '/'); remove or rename that object",
+    )
 
 
 def _as_prefix(uri: str) -> str:
