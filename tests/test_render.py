@@ -147,9 +147,20 @@ def test_revision_ignores_serving_and_suspend_but_not_training_fields() -> None:
 def test_a_field_added_since_the_first_release_keeps_old_revisions_at_its_default() -> None:
     spec = target_for("lora-sft-chat.yaml").spec
     # Pinned: the revision this spec had before resources.strategy existed (an upgrade must not retrain it).
-    assert spec.resources.strategy == "ddp" and naming.revision(spec) == "cd266867"
+    assert spec.resources.strategy == "ddp" and naming.revision(spec, running="cd266867") == "cd266867"
     sharded = spec.model_copy(update={"resources": spec.resources.model_copy(update={"strategy": "fsdp"})})
     assert naming.revision(sharded) != naming.revision(spec)
+
+
+def test_revisions_are_long_and_a_legacy_revision_is_kept_only_for_its_own_spec() -> None:
+    spec = target_for("lora-sft-chat.yaml").spec
+    current = naming.revision(spec)
+    assert len(current) == naming.REVISION_LENGTH and current.isalnum() and current.islower()
+    # Pinned, like the legacy revision: the hash of an unchanged spec never changes.
+    assert current == naming.revision(spec, running=current) == "zutgqz2yely3"
+    other = spec.model_copy(update={"task": "masked-lm"})
+    assert naming.revision(other, running="cd266867") == naming.revision(other) != "cd266867"
+    assert naming.revision(spec, running="0123abcd") == current
 
 
 def test_each_revision_writes_under_its_own_prefix() -> None:

@@ -1,5 +1,6 @@
 """Deterministic names, labels and revisions of a FineTuneJob's children."""
 
+import base64
 import hashlib
 import json
 
@@ -16,6 +17,10 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 _NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds"}
 
 
+REVISION_LENGTH = 12
+# Revisions named by the first releases: 8 hex digits (32 bits, few enough to search for a collision).
+_LEGACY_LENGTH = 8
+
 # Fields added since the first release, and the value that trains as before they existed: left out of the hash
 # while they hold it, so that upgrading the operator does not start a new revision (a retraining) of every job.
 _ADDED_SINCE_FIRST_RELEASE = {
@@ -25,14 +30,22 @@ _ADDED_SINCE_FIRST_RELEASE = {
 }
 
 
-def revision(spec: FineTuneJobSpec) -> str:
-    """A short hash of the training-relevant spec, defaults included."""
+def revision(spec: FineTuneJobSpec, running: str | None = None) -> str:
+    """A hash of the training-relevant spec, defaults included: 12 base32 characters (60 bits), so that no spec can
+    be crafted to share another's revision (and so its output prefix); names stay within 63 characters.
+
+    `running` is the FineTuneJob's status.revision: a revision named before revisions grew (the first 8 hex digits
+    of the same hash) is kept for the same spec, so that upgrading the operator does not retrain it.
+    """
     fields = spec.model_dump(mode="json", exclude=_NOT_TRAINING)
     for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
         if fields[section][name] == unchanged:
             del fields[section][name]
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(canonical.encode()).digest()
+    if running is not None and running == digest.hex()[:_LEGACY_LENGTH]:
+        return running
+    return base64.b32encode(digest).decode().lower()[:REVISION_LENGTH]
 
 
 def job_name(finetunejob: str, revision_id: str) -> str:

@@ -4,6 +4,7 @@ from typing import Any
 
 from tunery.api.policy import Policy
 from tunery.api.spec import FineTuneJobSpec
+from tunery.controller import naming
 from tunery.controller.render import render_training_children, training_target
 from tunery.controller.serving import render_serving_children, serving_target
 from tunery.controller.settings import OperatorSettings
@@ -17,7 +18,9 @@ def preview(manifest: dict[str, Any], settings: OperatorSettings, policy: Policy
     metadata = manifest["metadata"]
     identity = {"name": metadata["name"], "namespace": metadata.get("namespace") or "default", "uid": PREVIEW_UID}
     spec = FineTuneJobSpec.model_validate(manifest["spec"])
-    target = training_target({**metadata, **identity}, spec, spec.image or settings.trainer_image)
+    target = training_target(
+        {**metadata, **identity}, spec, naming.revision(spec), spec.image or settings.trainer_image
+    )
     children = render_training_children(target)
     if spec.serving.enabled:
         model = {"uri": target.output_prefix, "name": spec.output.name or target.name}

@@ -84,10 +84,10 @@ class Reconciler:
         if errors:
             return decisions.Observation(generation, revision="", spec_errors=errors)
         spec = FineTuneJobSpec.model_validate(body["spec"])
-        revision = naming.revision(spec)
+        revision = naming.revision(spec, (body.get("status") or {}).get("revision"))
         existing = await self._api.get_job(metadata["namespace"], naming.job_name(metadata["name"], revision))
         image = _running_image(existing, metadata["uid"]) or spec.image or self._settings.trainer_image
-        target = training_target(metadata, spec, image)
+        target = training_target(metadata, spec, revision, image)
         try:
             applied = [await self._api.apply_owned(child) for child in render_training_children(target)]
         except NotOwned as conflict:

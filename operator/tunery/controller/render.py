@@ -38,14 +38,14 @@ class TrainingTarget:
         return self.spec.resources.nodes > 1 or self.spec.resources.gpus > 1
 
 
-def training_target(metadata: dict[str, Any], spec: FineTuneJobSpec, image: str) -> TrainingTarget:
-    """The current revision of the FineTuneJob with this metadata; a Kueue queue label is passed on."""
+def training_target(metadata: dict[str, Any], spec: FineTuneJobSpec, revision: str, image: str) -> TrainingTarget:
+    """A revision of the FineTuneJob with this metadata; a Kueue queue label is passed on."""
     return TrainingTarget(
         name=metadata["name"],
         namespace=metadata["namespace"],
         uid=metadata["uid"],
         spec=spec,
-        revision=naming.revision(spec),
+        revision=revision,
         image=image,
         queue_name=(metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL),
     )
