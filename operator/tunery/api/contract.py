@@ -6,7 +6,7 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RENDEZVOUS_PORT = 29500
 # Rank 0 of the trainer serves Prometheus metrics here (`tunery-trainer train` reads TUNERY_METRICS_PORT).
 TRAINER_METRICS_PORT = 9090
-# The serving container's HTTP port (the OpenAI-compatible API, health and metrics).
+# The serving container's HTTP port (the OpenAI-compatible API and the probes).
 SERVING_PORT = 8000
 # The serving container's Prometheus /metrics port, apart from the API so that clients never reach it.
 SERVING_METRICS_PORT = 9090
