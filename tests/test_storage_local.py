@@ -110,3 +110,18 @@ def test_links_out_of_a_local_source_are_not_followed(storage: Storage, tmp_path
     fetched = storage.fetch(f"file://{source}/", tmp_path / "fetched-inside")
     assert (tmp_path / "fetched-inside" / "adapter" / "inner-link.safetensors").read_bytes() == b"\x00" * 1000
     assert len(fetched) == 3
+
+
+@pytest.mark.parametrize("name", ["../../escaped.txt", "/escaped.txt"])
+def test_an_s3_key_that_climbs_out_of_the_prefix_is_refused(tmp_path: Path, name: str) -> None:
+    """AWS S3 stores such keys (SeaweedFS does not): the listing is botocore's stub, nothing is downloaded."""
+    from botocore.stub import Stubber
+
+    storage = Storage(S3Settings(endpoint="http://127.0.0.1:9"))
+    with Stubber(storage.client) as stub:
+        listing = {"Contents": [{"Key": f"models/{name}"}, {"Key": "models/ok.txt"}], "KeyCount": 2}
+        stub.add_response("list_objects_v2", listing, {"Bucket": "bucket", "Prefix": "models/"})
+        with pytest.raises(StorageError, match="outside") as refused:
+            storage.fetch("s3://bucket/models/", tmp_path / "a" / "b" / "fetched")
+    assert refused.value.reason == "UnsafePath" and f"models/{name}" in refused.value.message
+    assert not list(tmp_path.rglob("*.txt"))

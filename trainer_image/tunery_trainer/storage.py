@@ -117,7 +117,11 @@ class Storage:
                 name = Path(location.key).name
                 return [self._download(location.bucket, location.key, _inside(destination, name, uri))]
             return [
-                self._download(location.bucket, key, _inside(destination, key[len(location.key) :], uri))
+                self._download(
+                    location.bucket,
+                    key,
+                    _inside(destination, key[len(location.key) :], f"s3://{location.bucket}/{key}"),
+                )
                 for key in self._list(location)
             ]
 
@@ -134,12 +138,12 @@ class Storage:
         files = []
         with self._explained(location):
             for entry in manifest["files"]:
-                target = _inside(destination, entry["path"], prefix)
+                target = _inside(destination, entry["path"], prefix + entry["path"])
                 if location.local is not None:
                     # Resolved: a link in the published directory must not lead the copy out of it.
-                    source = _inside(location.local.resolve(), entry["path"], prefix).resolve()
+                    source = _inside(location.local.resolve(), entry["path"], prefix + entry["path"]).resolve()
                     if not source.is_relative_to(location.local.resolve()):
-                        raise _unsafe(prefix, entry["path"])
+                        raise _unsafe(prefix + entry["path"])
                     if source.is_file():
                         target.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copyfile(source, target)
@@ -311,19 +315,19 @@ class Storage:
 
 
 def _inside(root: Path, relative: str, uri: str) -> Path:
-    """root/relative, refused when a hostile name (with '..', or absolute) would place it outside root."""
+    """root/relative, refused (naming the object's URI) when a hostile name with '..' or a leading '/' leaves root."""
     root = Path(os.path.normpath(root))
     target = Path(os.path.normpath(root / relative))
     if target == root or not target.is_relative_to(root):
-        raise _unsafe(uri, relative)
+        raise _unsafe(uri)
     return target
 
 
-def _unsafe(uri: str, name: str) -> StorageError:
+def _unsafe(uri: str) -> StorageError:
     return StorageError(
         "UnsafePath",
-        f"{uri}: {name!r} leads outside the directory it is fetched into: refusing it (a name with '..' or a "
-        "leading '/'); remove or rename that object",
+        f"{uri}: leads outside the directory it is fetched into (a name with '..' or a leading '/'): "
+        "refusing it; remove or rename that object",
     )
 
 
