@@ -1,11 +1,13 @@
 """A trainer killed mid-run resumes from its latest complete checkpoint and ends where an uninterrupted run ends."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from tiny_models import decoder, sentences, write_jsonl
 from tunery.local_run import local_config
 
 pytestmark = pytest.mark.slow
+
+MANIFEST = "tunery-manifest.json"
 
 STEPS = 60
 EVERY = 10
@@ -104,3 +108,70 @@ def test_killed_run_resumes_exactly(tmp_path: Path, inputs: tuple[Path, Path]) -
     assert max(abs(expected[step] - got[step]) for step in range(resumed_from + 1, STEPS + 1)) < TOLERANCE
     kept = sorted(path.name for path in checkpoints.iterdir() if (path / "tunery-manifest.json").exists())
     assert kept == [f"step-{STEPS - EVERY:08d}", f"step-{STEPS:08d}"]
+
+
+def owned_config(tmp_path: Path, base: Path, data: Path, uid: str, resume_from_uid: str | None = None):
+    """A 20-step run with checkpoints every 10, as the FineTuneJob with this UID (the name and revision stay).
+
+    resumeFromUid changes nothing that is trained, so it is set after the revision is named, as it is for the
+    operator's revision of the spec: the adopting run looks in the same checkpoint prefix.
+    """
+    config = local_config(
+        {
+            "apiVersion": "tunery.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "owned"},
+            "spec": {
+                "baseModel": {"uri": f"file://{base}/"},
+                "dataset": {"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
+                "method": {"type": "lora"},
+                "hyperparameters": {"maxSteps": 20, "batchSize": 4},
+                "checkpoints": {"everySteps": EVERY, "keep": 3},
+                "output": {"uri": f"file://{tmp_path}/owned/"},
+                "resources": {"gpus": 0},
+            },
+        }
+    )
+    spec = config.spec.model_copy(
+        update={"checkpoints": config.spec.checkpoints.model_copy(update={"resume_from_uid": resume_from_uid})}
+    )
+    return config.model_copy(update={"spec": spec, "finetune_job": config.finetune_job.model_copy(update={"uid": uid})})
+
+
+def test_checkpoints_of_another_finetunejob_are_not_resumed(
+    tmp_path: Path, inputs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    from tunery_trainer.job import run
+
+    caplog.set_level(logging.INFO)
+    base, data = inputs
+    first, second, third = (str(uuid.uuid4()) for _ in range(3))
+    config = owned_config(tmp_path, base, data, first)
+    checkpoints = Path(config.checkpoint_uri.removeprefix("file://"))
+    run(config, tmp_path / "work")
+    manifests = [json.loads((checkpoints / f"step-{step:08d}" / MANIFEST).read_text()) for step in (10, 20)]
+    assert [manifest["finetuneJobUid"] for manifest in manifests] == [first, first]
+
+    # Deleted and created again under the same name: same revision, same checkpoints, another UID.
+    caplog.clear()
+    outcome = run(owned_config(tmp_path, base, data, second), tmp_path / "work")
+    assert f"written by FineTuneJob UID {first}, not this one; set spec.checkpoints.resumeFromUid" in caplog.text
+    assert "resuming from" not in caplog.text
+    assert [step for step, _ in outcome.progress.train_loss] == list(range(1, 21))
+
+    # Adopting them takes the spec's word for it.
+    caplog.clear()
+    adopting = owned_config(tmp_path, base, data, third, resume_from_uid=second)
+    assert adopting.checkpoint_uri == config.checkpoint_uri
+    run(adopting, tmp_path / "work")
+    assert f"resuming from {config.checkpoint_uri}step-00000020/ at step 20" in caplog.text
+
+    # A checkpoint that names no UID (pre-staged, or from an older trainer) is refused: the newest own one is used.
+    newest = checkpoints / "step-00000020" / MANIFEST
+    newest.write_text(
+        json.dumps({key: value for key, value in json.loads(newest.read_text()).items() if key != "finetuneJobUid"})
+    )
+    caplog.clear()
+    run(owned_config(tmp_path, base, data, second), tmp_path / "work")
+    assert f"{config.checkpoint_uri}step-00000020/: it records no FineTuneJob UID" in caplog.text
+    assert f"resuming from {config.checkpoint_uri}step-00000010/ at step 10" in caplog.text

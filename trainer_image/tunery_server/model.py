@@ -225,13 +225,15 @@ def load(source: Source, workdir: Path) -> ServedModel:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _dtype(device)
     auto = auto_class(task)
-    if manifest.get("model") and (root / manifest["model"]).is_dir():
-        tokenizer_dir = root / manifest["model"]
+    model_dir, adapter_dir = _published_dir(source, root, "model"), _published_dir(source, root, "adapter")
+    # trust_remote_code stays False throughout: a published model's own Python code never runs in the server.
+    if model_dir is not None and model_dir.is_dir():
+        tokenizer_dir = model_dir
         model = auto.from_pretrained(tokenizer_dir, dtype=dtype)
-    elif manifest.get("adapter") and (root / manifest["adapter"]).is_dir():
+    elif adapter_dir is not None and adapter_dir.is_dir():
         from peft import PeftModel
 
-        tokenizer_dir = root / manifest["adapter"]
+        tokenizer_dir = adapter_dir
         base_dir = fetch_base_model(manifest.get("baseModel"), root, workdir)
         base = auto.from_pretrained(base_dir, dtype=dtype, **label_arguments(labels))
         model = PeftModel.from_pretrained(base, tokenizer_dir)
@@ -245,6 +247,17 @@ def load(source: Source, workdir: Path) -> ServedModel:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.to(device).eval()
     return ServedModel(task, model, tokenizer, labels, device)
+
+
+def _published_dir(source: Source, root: Path, kind: str) -> Path | None:
+    """The manifest's model/ or adapter/ directory, refused when the manifest points outside the published model."""
+    name = source.manifest.get(kind)
+    if not name:
+        return None
+    directory = (root / str(name)).resolve()
+    if not directory.is_relative_to(root.resolve()):
+        raise SourceError(f"{source.uri}: the manifest's {kind} {name!r} is outside the published model: refusing it")
+    return directory
 
 
 def _dtype(device: torch.device) -> torch.dtype:

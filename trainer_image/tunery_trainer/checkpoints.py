@@ -2,6 +2,7 @@
 
 import json
 import logging
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,13 +11,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunery_trainer.storage import Storage
+from tunery_trainer.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS = "trainable.safetensors"
 STATE = "state.json"
 TRAINING_STATE = "optimizer.pt"
+UID_KEY = "finetuneJobUid"
 
 
 @dataclass
@@ -31,6 +33,25 @@ class Progress:
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Whose checkpoints a run resumes: its FineTuneJob's (by UID), and those of the one it was told to adopt."""
+
+    uid: str
+    adopt_uid: str | None = None
+
+    def refusal(self, manifest: dict[str, Any]) -> str | None:
+        """Why a checkpoint with this manifest is not this run's to resume, or None when it is."""
+        written_by = manifest.get(UID_KEY)
+        if not written_by:
+            return "it records no FineTuneJob UID (pre-staged, or written by an older trainer)"
+        if written_by not in (self.uid, self.adopt_uid):
+            return (
+                f"written by FineTuneJob UID {written_by}, not this one; set spec.checkpoints.resumeFromUid to adopt it"
+            )
+        return None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}/"
 
@@ -43,6 +64,7 @@ def save(
     trainable: dict[str, torch.Tensor],
     training_state: dict[str, Any],
     keep: int,
+    owner: Owner,
 ) -> str:
     """Publish one checkpoint (manifest last), then drop all but the `keep` newest complete ones."""
     local = workdir / "checkpoint"
@@ -52,21 +74,22 @@ def save(
     torch.save(training_state, local / TRAINING_STATE)
     (local / STATE).write_text(json.dumps(asdict(progress)))
     uri = checkpoint_uri + checkpoint_name(progress.step)
-    storage.publish(local, uri, {"step": progress.step, "configHash": progress.config_hash})
+    storage.publish(local, uri, {"step": progress.step, "configHash": progress.config_hash, UID_KEY: owner.uid})
     shutil.rmtree(local)
-    complete = _complete(storage, checkpoint_uri, progress.config_hash)
+    # Only checkpoints this run may resume are pruned: another FineTuneJob's are not its to delete.
+    complete = _complete(storage, checkpoint_uri, progress.config_hash, owner)
     for stale in complete[keep:]:
         storage.delete(stale)
     return uri
 
 
-def latest(storage: Storage, checkpoint_uri: str, config_hash: str) -> str | None:
-    """The newest checkpoint whose manifest exists and whose config matches; half-written ones have no manifest."""
-    complete = _complete(storage, checkpoint_uri, config_hash)
+def latest(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner) -> str | None:
+    """The newest checkpoint whose manifest exists, whose config matches and that the owner may resume."""
+    complete = _complete(storage, checkpoint_uri, config_hash, owner)
     return complete[0] if complete else None
 
 
-def _complete(storage: Storage, checkpoint_uri: str, config_hash: str) -> list[str]:
+def _complete(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner) -> list[str]:
     found = []
     for uri in reversed(storage.children(checkpoint_uri)):
         manifest = storage.read_manifest(uri)
@@ -74,6 +97,8 @@ def _complete(storage: Storage, checkpoint_uri: str, config_hash: str) -> list[s
             logger.info("ignoring %s: no manifest, it was being written when the trainer stopped", uri)
         elif manifest.get("configHash") != config_hash:
             logger.info("ignoring %s: written for another configuration", uri)
+        elif (refusal := owner.refusal(manifest)) is not None:
+            logger.warning("ignoring %s: %s", uri, refusal)
         else:
             found.append(uri)
     return found
@@ -94,6 +119,14 @@ def load(storage: Storage, uri: str, workdir: Path) -> tuple[Progress, dict[str,
         eval_history=[(step, metrics) for step, metrics in raw["eval_history"]],
     )
     weights = load_file(local / WEIGHTS)
-    training_state = torch.load(local / TRAINING_STATE, weights_only=False)
+    try:
+        # Tensors and plain values only: anyone who can write the checkpoint prefix could plant a pickle that runs code.
+        training_state = torch.load(local / TRAINING_STATE, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise StorageError(
+            "UnsafeCheckpoint",
+            f"{uri}{TRAINING_STATE} holds more than tensors and plain values, which the trainer refuses to unpickle "
+            "(it could run code): delete this checkpoint, or find out who wrote it",
+        ) from error
     shutil.rmtree(local)
     return progress, weights, training_state

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from tunery.api import contract
 from tunery.api.trainer_config import TrainerConfig
-from tunery_trainer import failures
+from tunery_trainer import failures, redaction
 from tunery_trainer.data import DataError, prepare
 from tunery_trainer.failures import UnsupportedError
 from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage, StorageError
@@ -30,6 +30,9 @@ WorkdirOption = Annotated[
 @app.callback()
 def main() -> None:
     """Tunery's trainer."""
+    # Every command's log lines and tracebacks pass the redaction; `train` lowers the level to INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    redaction.install()
 
 
 @app.command()
@@ -49,7 +52,7 @@ def train(
     from tunery_trainer.metrics import TrainerMetrics
     from tunery_trainer.progress import ProgressReporter, StatusEndpoint
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger().setLevel(logging.INFO)
     # Our own JSON lines and progress bar say what happens; loading bars, load reports (a new classifier head is
     # "missing" by design) and PEFT's calls into deprecated transformers APIs only bury them.
     transformers_logging.disable_progress_bar()
@@ -166,5 +169,5 @@ def _check_data(config: TrainerConfig, workdir: Path) -> dict:
 
 def _fail(reason: str, message: str, code: int) -> None:
     failures.write_termination_message(reason, message)
-    typer.echo(f"{reason}: {message}", err=True)
+    typer.echo(redaction.redact(f"{reason}: {message}"), err=True)
     raise typer.Exit(code)

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from tunery.api.spec import Dataset, Task
+from tunery_trainer.redaction import redact
 
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -24,6 +25,9 @@ SUFFIX_FORMATS = {
 }
 # More bad rows than this fraction is not noise but the wrong file or the wrong column mapping.
 MAX_BAD_FRACTION = 0.5
+# Data can be anything (a file of credentials, megabytes on one line): messages quote bounded excerpts of it.
+EXCERPT_CHARS = 60
+EXCERPT_VALUES = 5
 
 
 class DataError(Exception):
@@ -32,8 +36,8 @@ class DataError(Exception):
     reason = "DataError"
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+        self.message = redact(message)
+        super().__init__(self.message)
 
 
 @dataclass
@@ -102,12 +106,12 @@ def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataRepor
     names = ", ".join(path.name for path in files)
     if not examples:
         problem = report.first_problems[0] if report.first_problems else "every row is empty after cleaning"
-        hint = f"; the data has columns {sorted(seen_columns)}" if seen_columns else ""
+        hint = f"; the data has columns {quoted(sorted(seen_columns))}" if seen_columns else ""
         raise DataError(f"{names}: no usable example ({problem}){hint}: check dataset.columns and dataset.format")
     if report.rows_read and bad / report.rows_read > MAX_BAD_FRACTION:
         raise DataError(
             f"{names}: {bad} of {report.rows_read} rows are bad, first: {'; '.join(report.first_problems)}; "
-            f"the data has columns {sorted(seen_columns)}: check dataset.columns and dataset.format"
+            f"the data has columns {quoted(sorted(seen_columns))}: check dataset.columns and dataset.format"
         )
     return examples
 
@@ -234,9 +238,21 @@ def _label_names(task: Task, train: list[dict[str, Any]], validation: list[dict[
         return []
     if unknown:
         raise DataError(
-            f"validation data has labels the training data never shows: {unknown}; known labels are {known}: "
+            f"validation data has labels the training data never shows: {quoted(unknown)}; "
+            f"known labels are {quoted(known)}: "
             "add training examples for them or fix the labels"
         )
     if len(known) < 2:
-        raise DataError(f"classification needs at least two labels in the training data, found {known}")
+        raise DataError(f"classification needs at least two labels in the training data, found {quoted(known)}")
     return known
+
+
+def quoted(values: list[Any]) -> str:
+    """Data values as a message quotes them: the first few, each redacted and then cut short."""
+    shown = []
+    for value in values[:EXCERPT_VALUES]:
+        # Redacted before cutting: a cut secret would no longer be recognised.
+        text = redact(str(value))
+        shown.append(repr(text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 1] + "…"))
+    more = f", and {len(values) - EXCERPT_VALUES} more" if len(values) > EXCERPT_VALUES else ""
+    return f"[{', '.join(shown)}{more}]"

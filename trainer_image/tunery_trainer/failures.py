@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tunery.api import contract
 from tunery_trainer.data import DataError
+from tunery_trainer.redaction import redact
 from tunery_trainer.storage import StorageError
 
 # Unreachable storage is worth a retry (the Job's backoffLimit); the other classes are final (podFailurePolicy).
@@ -19,8 +20,8 @@ class UnsupportedError(Exception):
     reason = "Unsupported"
 
     def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+        self.message = redact(message)
+        super().__init__(self.message)
 
 
 def exit_code(error: DataError | StorageError | UnsupportedError) -> int:
@@ -37,4 +38,4 @@ def write_termination_message(reason: str, message: str) -> None:
     path = Path(override or contract.TERMINATION_MESSAGE_PATH)
     if override or path.exists():
         # Kubernetes keeps at most 4096 bytes of it.
-        path.write_text(json.dumps({"reason": reason, "message": message[:3500]}))
+        path.write_text(json.dumps({"reason": reason, "message": redact(message)[:3500]}))

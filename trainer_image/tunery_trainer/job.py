@@ -90,8 +90,9 @@ def run(
         spec, model_dir, tokenizer, prepared.label_names, torch.device("cpu") if sharded else distributed.device
     )
 
+    owner = checkpoints.Owner(config.finetune_job.uid, spec.checkpoints.resume_from_uid)
     progress, resume = Progress(config_hash=config.revision), None
-    latest = checkpoints.latest(storage, config.checkpoint_uri, config.revision)
+    latest = checkpoints.latest(storage, config.checkpoint_uri, config.revision, owner)
     if latest is not None:
         progress, weights, training_state = checkpoints.load(storage, latest, workdir / f"rank-{distributed.rank}")
         resume = (weights, training_state)
@@ -103,7 +104,7 @@ def run(
         started = time.perf_counter()
         uploaded = storage.bytes_uploaded
         uri = checkpoints.save(
-            storage, config.checkpoint_uri, workdir, current, trainable, training_state, spec.checkpoints.keep
+            storage, config.checkpoint_uri, workdir, current, trainable, training_state, spec.checkpoints.keep, owner
         )
         reporter.checkpointed(current, uri, time.perf_counter() - started, spec.checkpoints.keep)
         if metrics is not None:

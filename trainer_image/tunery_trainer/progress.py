@@ -15,6 +15,7 @@ from typing import Any
 
 from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from tunery.api.status import Progress
+from tunery_trainer.redaction import redact_all
 
 FIELD_MANAGER = "tunery-trainer"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -110,7 +111,7 @@ class ProgressReporter:
         if checkpoints:
             body["status"]["checkpoints"] = checkpoints
         try:
-            self._send(self._endpoint, body)
+            self._send(self._endpoint, redact_all(body))
         except (urllib.error.URLError, OSError) as exc:
             logger.warning("could not report progress to the FineTuneJob status: %s", exc)
             return False

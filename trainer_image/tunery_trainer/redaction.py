@@ -7,7 +7,14 @@ from typing import Any
 
 REDACTED = "[redacted]"
 # Credentials whose names the suffix rule misses (an access key ID ends in _ID), and the rule for the rest.
-_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "TUNERY_API_KEY", "VLLM_API_KEY", "HF_TOKEN"}
+_NAMES = {
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "TUNERY_API_KEY",
+    "VLLM_API_KEY",
+    "HF_TOKEN",
+}
 _SUFFIXES = ("_KEY", "_SECRET", "_TOKEN", "_PASSWORD")
 # Shorter values ("1", "true") are no secret and would redact ordinary words.
 _MIN_LENGTH = 8
