@@ -64,7 +64,7 @@ def test_success_deploys_an_endpoint_that_becomes_ready(kube: Kube, operator: Op
     (server,) = pod["containers"]
     assert server["command"][:3] == ["tunery", "serve", "/models/current"]
     assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert server["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert server["resources"]["requests"] == {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "50Gi"}
     assert {volume["name"] for volume in pod["volumes"]} >= {"model", "tmp"}
     service = json.loads(kube.kubectl("get", "service", "served-serving", "-n", NAMESPACE, "-o", "json").stdout)
     assert service["spec"]["ports"][0]["port"] == 80
