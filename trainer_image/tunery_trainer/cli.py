@@ -132,7 +132,8 @@ def check(config: ConfigOption, workdir: WorkdirOption = None) -> None:
             report = _check_data(trainer_config, workdir or Path(scratch))
     except (DataError, StorageError) as error:
         _fail(error.reason, error.message, failures.exit_code(error))
-    typer.echo(json.dumps(report, indent=2))
+    # The report quotes the data (labels, problems), which may hold the environment's credentials.
+    typer.echo(json.dumps(redaction.redact_all(report), indent=2))
 
 
 def _load(path: Path) -> TrainerConfig:
