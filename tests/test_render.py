@@ -152,6 +152,18 @@ def test_a_field_added_since_the_first_release_keeps_old_revisions_at_its_defaul
     assert naming.revision(sharded) != naming.revision(spec)
 
 
+def test_adopting_another_jobs_checkpoints_keeps_the_revision() -> None:
+    spec = target_for("lora-sft-chat.yaml").spec
+    adopting = spec.model_copy(
+        update={
+            "checkpoints": spec.checkpoints.model_copy(
+                update={"resume_from_uid": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
+            )
+        }
+    )
+    assert naming.revision(adopting) == naming.revision(spec)
+
+
 def test_revisions_are_long_and_a_legacy_revision_is_kept_only_for_its_own_spec() -> None:
     spec = target_for("lora-sft-chat.yaml").spec
     current = naming.revision(spec)

@@ -111,11 +111,9 @@ def test_killed_run_resumes_exactly(tmp_path: Path, inputs: tuple[Path, Path]) -
 
 
 def owned_config(tmp_path: Path, base: Path, data: Path, uid: str, resume_from_uid: str | None = None):
-    """A 20-step run with checkpoints every 10, as the FineTuneJob with this UID (the name and revision stay).
-
-    resumeFromUid changes nothing that is trained, so it is set after the revision is named, as it is for the
-    operator's revision of the spec: the adopting run looks in the same checkpoint prefix.
-    """
+    """A 20-step run with checkpoints every 10, as the FineTuneJob with this UID (the name and revision stay:
+    resumeFromUid changes nothing that is trained, so the adopting run looks in the same checkpoint prefix)."""
+    checkpoints = {"everySteps": EVERY, "keep": 3, **({"resumeFromUid": resume_from_uid} if resume_from_uid else {})}
     config = local_config(
         {
             "apiVersion": "tunery.dev/v1alpha1",
@@ -126,16 +124,13 @@ def owned_config(tmp_path: Path, base: Path, data: Path, uid: str, resume_from_u
                 "dataset": {"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
                 "method": {"type": "lora"},
                 "hyperparameters": {"maxSteps": 20, "batchSize": 4},
-                "checkpoints": {"everySteps": EVERY, "keep": 3},
+                "checkpoints": checkpoints,
                 "output": {"uri": f"file://{tmp_path}/owned/"},
                 "resources": {"gpus": 0},
             },
         }
     )
-    spec = config.spec.model_copy(
-        update={"checkpoints": config.spec.checkpoints.model_copy(update={"resume_from_uid": resume_from_uid})}
-    )
-    return config.model_copy(update={"spec": spec, "finetune_job": config.finetune_job.model_copy(update={"uid": uid})})
+    return config.model_copy(update={"finetune_job": config.finetune_job.model_copy(update={"uid": uid})})
 
 
 def test_checkpoints_of_another_finetunejob_are_not_resumed(

@@ -26,8 +26,10 @@ _LEGACY_LENGTH = 8
 _ADDED_SINCE_FIRST_RELEASE = {
     ("resources", "strategy"): "ddp",
     ("resources", "ephemeral_storage"): "100Gi",
-    ("checkpoints", "resume_from_uid"): None,
 }
+# Nested fields that do not change what is trained: whose checkpoints a run may adopt must not move the run to a
+# new revision, whose empty checkpoint prefix would hold none of them.
+_NOT_TRAINING_NESTED = {("checkpoints", "resume_from_uid")}
 
 
 def revision(spec: FineTuneJobSpec, running: str | None = None) -> str:
@@ -41,6 +43,8 @@ def revision(spec: FineTuneJobSpec, running: str | None = None) -> str:
     for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
         if fields[section][name] == unchanged:
             del fields[section][name]
+    for section, name in _NOT_TRAINING_NESTED:
+        del fields[section][name]
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).digest()
     if running is not None and running == digest.hex()[:_LEGACY_LENGTH]:
