@@ -245,3 +245,9 @@ def test_render_prints_every_child_or_the_same_refusals(cli_env) -> None:
     refused = tunery("render", str(REFUSED_DIR / "system-priority.yaml"), env=cli_env)
     assert refused.returncode == 1 and refused.stdout == ""
     assert re.search(r"spec\.resources\.priorityClassName: PriorityClass 'system-node-critical'", refused.stderr)
+
+
+def test_chart_values_hold_the_default_policy() -> None:
+    """One source: the chart's `policy` values are Policy's defaults, so the chart changes nothing unasked."""
+    values = yaml.safe_load((REPO_ROOT / "charts" / "tunery" / "values.yaml").read_text())
+    assert values["policy"] == Policy().model_dump(by_alias=True, mode="json")

@@ -1,8 +1,10 @@
 """The Helm chart on the local control plane: it lints and installs, and the operator works under its RBAC alone."""
 
 import json
+import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ def helm(kube: Kube, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def installed(kube: Kube) -> Kube:
+def installed(kube: Kube) -> Iterator[Kube]:
     kube.kubectl("create", "namespace", WATCHED, check=False)
     helm(
         kube,
@@ -42,7 +44,9 @@ def installed(kube: Kube) -> Kube:
         "--set",
         "trainerImage=ghcr.io/tunery/trainer:chart",
     )
-    return kube
+    yield kube
+    # The admission policy is cluster-wide: later test modules start from a cluster without it.
+    helm(kube, "uninstall", "tunery", "-n", RELEASE_NAMESPACE, "--wait")
 
 
 def operator_kubeconfig(kube: Kube, path: Path) -> Path:
@@ -172,7 +176,8 @@ def test_monitoring_objects_are_off_by_default_but_the_dashboard(kube: Kube) -> 
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["namespace"] == RELEASE_NAMESPACE
     assert json.loads(dashboard["data"]["tunery.json"]) == load_dashboard()
-    assert "ConfigMap" not in rendered(kube, "--set", "monitoring.dashboard.enabled=false")
+    config_maps = rendered(kube, "--set", "monitoring.dashboard.enabled=false")["ConfigMap"]
+    assert [cm["metadata"]["name"] for cm in config_maps] == ["tunery-operator-policy"]
 
 
 def test_service_monitor_scrapes_the_operator_service_as_tunery_operator(kube: Kube) -> None:
@@ -190,28 +195,30 @@ def test_service_monitor_scrapes_the_operator_service_as_tunery_operator(kube: K
     assert 'up{job="tunery-operator"}' in RULES.read_text()
 
 
-def test_pod_monitor_scrapes_training_and_serving_pods_on_their_ports(kube: Kube) -> None:
+def test_pod_monitor_scrapes_training_and_serving_pods_on_their_metrics_port(kube: Kube) -> None:
     (monitor,) = rendered(kube, *MONITORING)["PodMonitor"]
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
-    endpoints = {endpoint["port"]: endpoint for endpoint in monitor["spec"]["podMetricsEndpoints"]}
-    for file, kind, component, port in (
-        ("lora-sft-chat.yaml", "Job", "trainer", "metrics"),
-        ("qlora-multinode.yaml", "Job", "trainer", "metrics"),
-        ("serving-builtin.yaml", "Deployment", "serving", "http"),
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # Workload pods may run tenant code: their own labels never override namespace, pod or finetunejob.
+    assert endpoint["honorLabels"] is False
+    relabelings = endpoint["relabelings"]
+    (keep,) = [r for r in relabelings if r.get("action") == "keep"]
+    for file, kind, component in (
+        ("lora-sft-chat.yaml", "Job", "trainer"),
+        ("qlora-multinode.yaml", "Job", "trainer"),
+        ("serving-builtin.yaml", "Deployment", "serving"),
     ):
         pod = golden_pod(file, kind)
         assert selects(monitor["spec"]["selector"], pod["metadata"]["labels"]), file
         assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == component
-        assert port in {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}, file
-        relabelings = endpoints[port]["relabelings"]
-        assert {"action": "keep", "regex": component} in [
-            {"action": r.get("action"), "regex": r.get("regex")} for r in relabelings
-        ]
-        assert {
-            "sourceLabels": ["__meta_kubernetes_pod_label_tunery_dev_finetunejob"],
-            "targetLabel": "finetunejob",
-        } in relabelings
-    assert endpoints["metrics"]["honorLabels"] is True and endpoints["http"]["path"] == "/metrics"
+        assert "metrics" in {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}, file
+        assert re.fullmatch(keep["regex"], f"{component};"), file
+    assert re.fullmatch(keep["regex"], "trainer;0") and not re.fullmatch(keep["regex"], "trainer;1")
+    assert {
+        "sourceLabels": ["__meta_kubernetes_pod_label_tunery_dev_finetunejob"],
+        "targetLabel": "finetunejob",
+    } in relabelings
     watched = rendered(kube, *MONITORING, "--set", "watchNamespaces={a,b}")["PodMonitor"][0]
     assert watched["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
 

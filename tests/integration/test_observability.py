@@ -2,9 +2,9 @@
 every query of the dashboard and every alert expression evaluates, and those that should have data have it.
 
 The scrape jobs mirror what the chart's ServiceMonitor and PodMonitor produce: job names tunery-operator,
-tunery-trainer and tunery-serving, honor_labels where the process labels its own series, the operator's target in
-its release namespace, and the serving target labelled with namespace and finetunejob (the PodMonitor copies them
-from the pod). Targets come and go through file discovery the way pods do: a target appears when its process
+tunery-trainer and tunery-serving, honor_labels for the operator alone (it labels its series by FineTuneJob), its
+target in its release namespace, and the trainer and serving targets labelled with namespace and finetunejob (the
+PodMonitor takes them from the pod, never from what the pod's code says). Targets come and go through file discovery the way pods do: a target appears when its process
 starts (before it listens) and the trainer's disappears when it exits.
 """
 
@@ -79,7 +79,8 @@ ALERTS = {
 class Prometheus:
     """Debian's Prometheus on loopback: 1s scrapes and rule evaluations, file-discovered targets, the chart's rules."""
 
-    JOBS = {"tunery-operator": True, "tunery-trainer": True, "tunery-serving": False}  # job: honor_labels
+    # job: honor_labels. Only the operator's own labels are honoured: workload pods may run tenant code.
+    JOBS = {"tunery-operator": True, "tunery-trainer": False, "tunery-serving": False}
 
     def __init__(self, binary: Path, workdir: Path) -> None:
         self._binary = binary

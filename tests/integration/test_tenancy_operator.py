@@ -33,11 +33,13 @@ def operator(kube: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[O
     )  # fmt: skip
     kube.kubectl("create", "rolebinding", "finetunejobs", "-n", NAMESPACE, "--role=finetunejobs", f"--user={TENANT}",
                  check=False)  # fmt: skip
-    # Their own Secrets (the examples' S3 credentials, an endpoint's API key) and nothing else, as admission asks.
+    # Their own Secrets (the examples' S3 credentials, an endpoint's API key) and claim, as admission asks.
     kube.kubectl("create", "role", "own-secrets", "-n", NAMESPACE, "--verb=get", "--resource=secrets",
                  "--resource-name=s3-creds", "--resource-name=preview-keys", check=False)  # fmt: skip
-    kube.kubectl("create", "rolebinding", "own-secrets", "-n", NAMESPACE, "--role=own-secrets", f"--user={TENANT}",
-                 check=False)  # fmt: skip
+    kube.kubectl("create", "role", "own-claims", "-n", NAMESPACE, "--verb=get", "--resource=persistentvolumeclaims",
+                 "--resource-name=team-data", check=False)  # fmt: skip
+    for role in ("own-secrets", "own-claims"):
+        kube.kubectl("create", "rolebinding", role, "-n", NAMESPACE, f"--role={role}", f"--user={TENANT}", check=False)
     workdir = tmp_path_factory.mktemp("tenancy-operator")
     policy = workdir / "policy.yaml"
     policy.write_text(yaml.safe_dump({"servingClientNamespaceLabels": GATEWAY_LABELS}))

@@ -41,10 +41,19 @@ app.kubernetes.io/component: operator
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create, patch]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [events]
   verbs: [list, create, patch]
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, create, patch]
+{{- end -}}
+
+
+{{/* The operator's policy file: the `policy` values as YAML. */}}
+{{- define "tunery.policy" -}}
+{{ toYaml .Values.policy }}
 {{- end -}}
