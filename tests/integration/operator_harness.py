@@ -97,18 +97,20 @@ def children(kube: Kube, kind: str, name: str) -> list[dict]:
     return json.loads(listed)["items"]
 
 
-def events(kube: Kube, name: str) -> list[dict]:
+def events(kube: Kube, name: str, namespace: str = NAMESPACE) -> list[dict]:
     listed = kube.kubectl(
-        "get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+        "get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}", "-o", "json"
     )
     return json.loads(listed.stdout)["items"]
 
 
-def wait_for_event(kube: Kube, name: str, reason: str, kind: str = "Warning", timeout: float = 30.0) -> dict:
+def wait_for_event(
+    kube: Kube, name: str, reason: str, kind: str = "Warning", timeout: float = 30.0, namespace: str = NAMESPACE
+) -> dict:
     """The event of this reason about NAME: Kopf posts events in the background, so they may follow the status."""
     deadline = time.monotonic() + timeout
     while True:
-        seen = events(kube, name)
+        seen = events(kube, name, namespace)
         found = [event for event in seen if event["type"] == kind and event["reason"] == reason]
         if found:
             return found[0]

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import Kube
 from invalid_cases import REFUSED_DIR, load_cases
-from operator_harness import CRD_FILE, OperatorProcess, condition, manifest, wait_for
+from operator_harness import CRD_FILE, OperatorProcess, condition, manifest, wait_for, wait_for_event
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +92,7 @@ def test_existing_objects_under_a_childs_name_are_never_taken_over(kube: Kube, o
     )["status"]
     assert "ServiceAccount tenancy-e2e/ci-trainer" in condition(status, "Stalled")["message"]
     assert condition(status, "Ready")["status"] == "False"
+    assert "ci-trainer" in wait_for_event(kube, "ci", "ChildConflict", namespace=NAMESPACE)["message"]
     role = get(kube, "role", "ci-trainer")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
     assert "ownerReferences" not in role["metadata"]

@@ -170,7 +170,7 @@ def _reason(status: dict[str, Any]) -> str | None:
 
 
 def _event_type(verdict: decisions.Verdict) -> str:
-    troubled = verdict.phase == "Failed" or verdict.reason in decisions.WAITING_PROBLEMS
+    troubled = verdict.phase == "Failed" or verdict.reason in (*decisions.WAITING_PROBLEMS, decisions.CHILD_CONFLICT)
     return "Warning" if troubled else "Normal"
 
 
