@@ -219,6 +219,9 @@ def test_pod_monitor_scrapes_training_and_serving_pods_on_their_metrics_port(kub
         "sourceLabels": ["__meta_kubernetes_pod_label_tunery_dev_finetunejob"],
         "targetLabel": "finetunejob",
     } in relabelings
+    # The server labels its series by API route as `endpoint`, which the Prometheus Operator's endpoint=<port>
+    # target label would otherwise push to exported_endpoint.
+    assert {"action": "labeldrop", "regex": "endpoint"} in relabelings
     watched = rendered(kube, *MONITORING, "--set", "watchNamespaces={a,b}")["PodMonitor"][0]
     assert watched["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
 
