@@ -92,19 +92,37 @@ def admission(kube: Kube) -> Iterator[Kube]:
     kube.kubectl("delete", "clusterrole,clusterrolebinding", "admission-e2e-use-high", check=False)
 
 
-def test_a_secret_the_tenant_cannot_read_is_refused_until_they_may(admission: Kube) -> None:
-    document = finetunejob(storage={"credentialsSecret": "team-creds"})
-    result = as_tenant(admission, document)
-    assert refused(result, "spec.storage.credentialsSecret", f"user {TENANT} may not get Secret team-creds")
-    grant(admission, "read-team-creds", "get", "secrets", "team-creds")
+@pytest.mark.parametrize(
+    ("changes", "fragments", "kind", "name"),
+    [
+        (
+            {"storage": {"credentialsSecret": "team-creds"}},
+            ("spec.storage.credentialsSecret", f"user {TENANT} may not get Secret team-creds"),
+            "secrets",
+            "team-creds",
+        ),
+        (
+            {"serving": {"apiKeySecret": "bot-keys"}},
+            ("spec.serving.apiKeySecret", "may not get Secret bot-keys"),
+            "secrets",
+            "bot-keys",
+        ),
+        (
+            {"dataset": {"train": "pvc://shared-data/train.jsonl"}},
+            ("may not get every PersistentVolumeClaim", "(shared-data)"),
+            "persistentvolumeclaims",
+            "shared-data",
+        ),
+    ],
+    ids=["credentials-secret", "api-key-secret", "claim"],
+)
+def test_what_the_tenant_cannot_get_is_refused_until_they_may(
+    admission: Kube, changes: dict, fragments: tuple[str, ...], kind: str, name: str
+) -> None:
+    document = finetunejob(**changes)
+    assert refused(as_tenant(admission, document), *fragments)
+    grant(admission, f"read-{name}", "get", kind, name)
     assert as_tenant(admission, document).returncode == 0
-
-
-def test_the_endpoints_api_key_secret_needs_the_same_right(admission: Kube) -> None:
-    keyed = finetunejob(serving={"apiKeySecret": "bot-keys"})
-    assert refused(as_tenant(admission, keyed), "spec.serving.apiKeySecret", "may not get Secret bot-keys")
-    grant(admission, "read-bot-keys", "get", "secrets", "bot-keys")
-    assert as_tenant(admission, keyed).returncode == 0
 
 
 def test_a_priority_class_needs_use_unless_it_is_open_to_all(admission: Kube) -> None:
@@ -113,13 +131,6 @@ def test_a_priority_class_needs_use_unless_it_is_open_to_all(admission: Kube) ->
     assert as_tenant(admission, finetunejob(resources={"priorityClassName": OPEN_CLASS})).returncode == 0
     grant(admission, "admission-e2e-use-high", "use", "priorityclasses.scheduling.k8s.io", "high", cluster=True)
     assert as_tenant(admission, high).returncode == 0
-
-
-def test_a_claim_the_tenant_cannot_get_is_refused(admission: Kube) -> None:
-    on_claim = finetunejob(dataset={"train": "pvc://shared-data/train.jsonl"})
-    assert refused(as_tenant(admission, on_claim), "may not get every PersistentVolumeClaim", "(shared-data)")
-    grant(admission, "read-shared-data", "get", "persistentvolumeclaims", "shared-data")
-    assert as_tenant(admission, on_claim).returncode == 0
 
 
 def test_the_admin_is_not_refused(admission: Kube) -> None:
