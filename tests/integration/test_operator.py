@@ -23,10 +23,14 @@ from operator_harness import (
     OperatorProcess,
     children,
     condition,
+    get,
     manifest,
     wait_for,
     wait_for_event,
 )
+from tunery.api.spec import FineTuneJobSpec
+from tunery.controller import naming
+from tunery.controller.render import TrainingTarget, render_job
 from tunery_trainer.progress import ProgressReporter, StatusEndpoint, send_apply
 
 pytestmark = pytest.mark.integration
@@ -379,6 +383,33 @@ def test_an_operator_upgrade_to_another_trainer_image_leaves_running_revisions_a
     finally:
         upgraded.stop()
         operator.start()
+
+
+def test_a_job_an_older_operator_rendered_is_left_as_it_is(kube: Kube, operator: OperatorProcess) -> None:
+    """Pod templates are immutable: applying today's rendering over an older one would fail every reconciliation."""
+    operator.kill()
+    try:
+        kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "older", suspend=True))
+        body = get(kube, "ftj", "older")
+        spec = FineTuneJobSpec.model_validate(body["spec"])
+        target = TrainingTarget("older", NAMESPACE, body["metadata"]["uid"], spec, naming.revision(spec), "trainer:old")
+        older = render_job(target)
+        del older["metadata"]["annotations"]
+        for container in older["spec"]["template"]["spec"]["containers"]:
+            for bound in container["resources"].values():
+                bound.pop("ephemeral-storage")
+        kube.kubectl("apply", "--server-side", "--field-manager=tunery-operator", "-f", "-", input=json.dumps(older))
+        uid = get(kube, "job", target.job_name)["metadata"]["uid"]
+    finally:
+        operator.start()
+    wait_for(kube, operator, "older", lambda status: status.get("phase") == "Suspended")
+    kube.kubectl("patch", "ftj", "older", "-n", NAMESPACE, "--type=merge", "-p", '{"spec": {"suspend": false}}')
+    wait_for(kube, operator, "older", lambda status: status.get("phase") == "Succeeded")
+    job = get(kube, "job", target.job_name)
+    assert job["metadata"]["uid"] == uid and "annotations" not in job["metadata"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "trainer:old" and "ephemeral-storage" not in container["resources"]["limits"]
+    assert "immutable" not in operator.log(), operator.log()
 
 
 @pytest.mark.slow

@@ -87,6 +87,13 @@ class KubeApi:
         jobs = self._client.list(Job, namespace=namespace, labels={FINETUNEJOB_LABEL: finetunejob})
         return [job.to_dict() async for job in jobs]
 
+    async def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
+        """Suspend or resume a Job without touching its (immutable) pod template."""
+        patched = await self._client.patch(
+            Job, name, {"spec": {"suspend": suspend}}, namespace=namespace, patch_type=PatchType.MERGE
+        )
+        return patched.to_dict()
+
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._client.delete(Job, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
 

@@ -13,6 +13,8 @@ REVISION_LABEL = "tunery.dev/revision"
 # The revision whose model a serving pod serves.
 MODEL_REVISION_LABEL = "tunery.dev/model-revision"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# The rendering a Job's pod template came from: a Job rendered otherwise (by an older operator) is left as it is.
+TEMPLATE_HASH_ANNOTATION = "tunery.dev/template-hash"
 # Fields that do not change what is trained: editing them never starts a new revision.
 _NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds"}
 

@@ -85,11 +85,12 @@ class Reconciler:
             return decisions.Observation(generation, revision="", spec_errors=errors)
         spec = FineTuneJobSpec.model_validate(body["spec"])
         revision = naming.revision(spec, (body.get("status") or {}).get("revision"))
-        existing = await self._api.get_job(metadata["namespace"], naming.job_name(metadata["name"], revision))
-        image = _running_image(existing, metadata["uid"]) or spec.image or self._settings.trainer_image
-        target = training_target(metadata, spec, revision, image)
+        target = training_target(metadata, spec, revision, spec.image or self._settings.trainer_image)
+        existing = await self._api.get_job(target.namespace, target.job_name)
         try:
-            applied = [await self._api.apply_owned(child) for child in render_training_children(target)]
+            applied = [
+                await self._apply_training_child(child, existing, target) for child in render_training_children(target)
+            ]
         except NotOwned as conflict:
             return decisions.Observation(generation, revision, child_conflict=str(conflict))
         job = next(child for child in applied if child["kind"] == "Job")
@@ -142,6 +143,24 @@ class Reconciler:
         serving = decisions.ServingObservation(deployment, pods, target.endpoint)
         return replace(observation, serving_enabled=True, serving=serving)
 
+    async def _apply_training_child(
+        self, child: dict[str, Any], existing_job: dict[str, Any] | None, target: TrainingTarget
+    ) -> dict[str, Any]:
+        """Apply a child; a Job whose pod template another rendering made (an older operator, another trainer image)
+        keeps it, since templates are immutable, and only has spec.suspend brought in line."""
+        if child["kind"] != "Job" or existing_job is None or not owned_by(existing_job, target.uid):
+            return await self._api.apply_owned(child)
+        annotations = existing_job["metadata"].get("annotations") or {}
+        if (
+            annotations.get(naming.TEMPLATE_HASH_ANNOTATION)
+            == child["metadata"]["annotations"][naming.TEMPLATE_HASH_ANNOTATION]
+        ):
+            return await self._api.apply_owned(child)
+        wanted = child["spec"].get("suspend")
+        if wanted is None or existing_job["spec"].get("suspend") == wanted:
+            return existing_job
+        return await self._api.set_job_suspended(target.namespace, target.job_name, wanted)
+
     async def _stop_stale_revisions(self, target: TrainingTarget) -> None:
         """A new revision replaces the old one: its unfinished Job is stopped (its checkpoints stay in storage)."""
         for job in await self._api.list_jobs(target.namespace, target.name):
@@ -150,14 +169,6 @@ class Reconciler:
             if stale and owned_by(job, target.uid) and decisions.finished_condition(job) is None:
                 logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
-
-
-def _running_image(job: dict[str, Any] | None, owner_uid: str) -> str | None:
-    """A Job's pod template is immutable: a revision keeps the trainer image it started with, even after the
-    operator is upgraded to another default image. Only its own Job says so: a foreign one is refused later."""
-    if job is None or not owned_by(job, owner_uid):
-        return None
-    return next(c["image"] for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer")
 
 
 def _timestamp(value: str) -> datetime:

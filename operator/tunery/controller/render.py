@@ -1,5 +1,6 @@
 """Pure builders of a FineTuneJob's training children: the trainer ConfigMap, the Job and the headless Service."""
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -335,7 +336,14 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         )
     metadata = _metadata(target, target.job_name, "trainer")
     metadata["labels"] = labels
+    metadata["annotations"] = {naming.TEMPLATE_HASH_ANNOTATION: template_hash(job_spec["template"])}
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    """Which rendering a Job's (immutable) pod template came from."""
+    canonical = json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _shm_size(spec: FineTuneJobSpec) -> str:
