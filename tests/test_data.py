@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tunery.api.spec import Dataset
-from tunery_trainer.data import DataError, prepare
+from tunery_trainer import failures
+from tunery_trainer.data import MESSAGE_CHARS, DataError, prepare
 
 
 def dataset(**fields) -> Dataset:
@@ -117,3 +118,137 @@ def test_unreadable_file_names_the_format(tmp_path: Path) -> None:
     (tmp_path / "t.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"t.parquet: cannot be read as parquet .*dataset.format"):
         prepare("causal-lm", dataset(), [tmp_path / "t.parquet"], [], seed=1)
+
+
+# Types are checked, never stringified
+
+
+def first_problems(tmp_path: Path, task: str, rows: list, **fields) -> list[str]:
+    prepared = prepare(task, dataset(validationSplit=0, **fields), [jsonl(tmp_path / "t.jsonl", rows)], [], seed=1)
+    return prepared.report.first_problems
+
+
+def test_a_wrong_typed_value_is_a_bad_row_naming_the_row_and_the_type(tmp_path: Path) -> None:
+    rows = [{"text": f"row {index}"} for index in range(16)] + [{"text": {"nested": "object"}}]
+    assert first_problems(tmp_path, "causal-lm", rows) == ["t.jsonl row 17: column 'text' holds a dict, expected text"]
+
+
+CLASSES = [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}]
+CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    ("task", "good", "bad", "problem"),
+    [
+        ("sequence-classification", CLASSES, {"text": "x", "label": True}, "column 'label' holds a bool"),
+        ("sequence-classification", CLASSES, {"text": "x", "label": 1.5}, "column 'label' holds a float"),
+        ("sequence-classification", CLASSES, {"text": "x", "label": ["pos"]}, "column 'label' holds a list"),
+        ("sequence-classification", CLASSES, {"text": 7, "label": "pos"}, "column 'text' holds an int"),
+        ("causal-lm", [{"prompt": "a", "completion": "b"}], {"prompt": "a", "completion": 4}, "column 'completion'"),
+        ("causal-lm", [{"messages": CHAT}], {"messages": "hello"}, "column 'messages' holds a str"),
+        (
+            "causal-lm",
+            [{"messages": CHAT}],
+            {"messages": [{"role": "assistant", "content": {"text": "hi"}}]},
+            "a message's content in column 'messages' holds a dict, expected text",
+        ),
+        (
+            "token-classification",
+            [{"tokens": ["Paris"], "tags": ["B-LOC"]}, {"tokens": ["is"], "tags": ["O"]}],
+            {"tokens": ["Paris", 1], "tags": ["B-LOC", "O"]},
+            "an item of column 'tokens' holds an int, expected text",
+        ),
+        (
+            "token-classification",
+            [{"tokens": ["Paris"], "tags": ["B-LOC"]}, {"tokens": ["is"], "tags": ["O"]}],
+            {"tokens": ["Paris"], "tags": "B-LOC"},
+            "column 'tags' holds a str, expected a list of strings",
+        ),
+    ],
+)
+def test_each_column_holds_its_type(tmp_path: Path, task: str, good: list, bad: dict, problem: str) -> None:
+    (first,) = first_problems(tmp_path, task, [*good, bad])
+    assert first.startswith(f"t.jsonl row {len(good) + 1}: {problem}"), first
+
+
+def test_an_int_label_is_kept_as_its_decimal_string(tmp_path: Path) -> None:
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    prepared = prepare(
+        "sequence-classification", dataset(validationSplit=0), [jsonl(tmp_path / "t.jsonl", rows)], [], 1
+    )
+    assert prepared.label_names == ["0", "1"] and prepared.train[0] == {"text": "good", "label": "1"}
+
+
+def test_a_parquet_int_column_is_not_text(tmp_path: Path) -> None:
+    pq.write_table(pa.Table.from_pylist([{"text": index} for index in range(200)]), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"no usable example \(t.parquet row 1: column 'text' holds an int, expected"):
+        prepare("causal-lm", dataset(), [tmp_path / "t.parquet"], [], seed=1)
+
+
+# Malformed files spoil only their bad rows
+
+
+def test_csv_rows_with_the_wrong_number_of_fields_are_bad_rows(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("text,label\ngood,pos\nbad,neg,extra\nshort\nfine,neg\n" + "more,pos\n" * 4)
+    prepared = prepare("sequence-classification", dataset(validationSplit=0), [tmp_path / "t.csv"], [], seed=1)
+    assert prepared.report.first_problems == [
+        "t.csv row 3: unreadable (3 fields, the header has 2)",
+        "t.csv row 4: unreadable (1 fields, the header has 2)",
+    ]
+    assert prepared.train[:2] == [{"text": "good", "label": "pos"}, {"text": "fine", "label": "neg"}]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    rows = [{"text": f"example {index}"} for index in range(2)]
+    (tmp_path / "a.jsonl").write_text("\ufeff" + "".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "b.json").write_text("\ufeff" + json.dumps(rows))
+    (tmp_path / "c.csv").write_text("\ufefftext\nexample 0\nexample 1\n")
+    (tmp_path / "d.txt").write_text("\ufeffexample 0\nexample 1\n")
+    for name in ("a.jsonl", "b.json", "c.csv", "d.txt"):
+        prepared = prepare("causal-lm", dataset(validationSplit=0), [tmp_path / name], [], seed=1)
+        assert [example["text"] for example in prepared.train] == ["example 0", "example 1"], name
+        assert not prepared.report.bad_rows, name
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "problem"),
+    [
+        ("t.jsonl", [b'{"text": "caf\xe9"}'], "column 'text' is not UTF-8 text"),
+        ("t.csv", [b"text", b"caf\xe9"], "column 'text' is not UTF-8 text"),
+        ("t.txt", [b"caf\xe9"], "column 'text' is not UTF-8 text"),
+    ],
+)
+def test_an_undecodable_byte_spoils_only_its_row(tmp_path: Path, name: str, lines: list[bytes], problem: str) -> None:
+    good = [b'{"text": "row %d"}' % index if name == "t.jsonl" else b"row %d" % index for index in range(3)]
+    (tmp_path / name).write_bytes(b"\n".join([*lines, *good]) + b"\n")
+    prepared = prepare("causal-lm", dataset(validationSplit=0), [tmp_path / name], [], seed=1)
+    assert prepared.report.first_problems == [f"{name} row {len(lines)}: {problem}"]
+    assert [example["text"] for example in prepared.train] == ["row 0", "row 1", "row 2"]
+
+
+# Errors fit the termination message, fix included
+
+
+def test_ten_thousand_unknown_labels_are_summarised(tmp_path: Path) -> None:
+    train = jsonl(tmp_path / "train.jsonl", CLASSES)
+    valid = jsonl(tmp_path / "valid.jsonl", [{"text": "x", "label": f"class-{n}-" + "x" * 80} for n in range(10_000)])
+    with pytest.raises(DataError) as error:
+        prepare("sequence-classification", dataset(), [train], [valid], seed=1)
+    message = error.value.message
+    assert len(message) <= MESSAGE_CHARS and "and 9995 more" in message
+    assert message.endswith("add training examples for them or fix the labels")
+
+
+def test_many_shards_still_leave_room_for_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = [jsonl(tmp_path / f"part-{index:05d}-{'x' * 100}.jsonl", [{"body": "a"}]) for index in range(300)]
+    with pytest.raises(DataError) as error:
+        prepare("causal-lm", dataset(), shards, [], seed=1)
+    monkeypatch.setenv("TUNERY_TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    failures.write_termination_message(error.value.reason, error.value.message)
+    written = json.loads((tmp_path / "termination-log").read_text())["message"]
+    assert "and 295 more" in written and written.endswith(": check dataset.columns and dataset.format")
+
+
+def test_a_long_problem_is_cut_and_the_fix_kept() -> None:
+    message = DataError("row 1: " + "y" * 1_000_000, "fix this").message
+    assert len(message) == MESSAGE_CHARS and message.endswith("…: fix this")

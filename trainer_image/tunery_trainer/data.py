@@ -1,14 +1,15 @@
-"""Read and check the training data before any model is loaded: formats, columns, cleaning, dedupe and the split."""
+"""Read and check the training data before any model is loaded: formats, columns, types, cleaning, dedupe and the split."""
 
 import csv
 import json
 import random
+import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow.parquet as pq
 
@@ -28,6 +29,12 @@ MAX_BAD_FRACTION = 0.5
 # Data can be anything (a file of credentials, megabytes on one line): messages quote bounded excerpts of it.
 EXCERPT_CHARS = 60
 EXCERPT_VALUES = 5
+# failures.write_termination_message keeps this many characters (Kubernetes keeps 4096 bytes): the fix must fit.
+MESSAGE_CHARS = 3500
+ROLES = ("system", "user", "assistant")
+# Files are decoded with surrogateescape, so an undecodable byte reads as a lone surrogate in its own row only.
+SURROGATE = re.compile("[\ud800-\udfff]")
+COLUMNS_FIX = "check dataset.columns and dataset.format"
 
 
 class DataError(Exception):
@@ -35,9 +42,20 @@ class DataError(Exception):
 
     reason = "DataError"
 
-    def __init__(self, message: str) -> None:
-        self.message = redact(message)
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.message = _fitted(redact(problem), redact(fix))
         super().__init__(self.message)
+
+
+class BadRow(DataError):
+    """One row the task cannot use: counted in the report, and the run goes on."""
+
+
+def _fitted(problem: str, fix: str) -> str:
+    """The problem, cut short where needed so that it and the fix fit the termination message."""
+    suffix = f": {fix}" if fix else ""
+    room = MESSAGE_CHARS - len(suffix)
+    return (problem if len(problem) <= room else problem[: room - 1] + "…") + suffix
 
 
 @dataclass
@@ -90,127 +108,195 @@ def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataRepor
     for path in files:
         for row_number, row in _rows(path, dataset.format):
             report.rows_read += 1
-            where = f"{path.name} row {row_number}"
-            if isinstance(row, Exception):
-                report.note(f"unreadable ({row})", where)
-                continue
-            seen_columns.update(row)
-            example = _shape(task, dataset, row, report, where)
-            if example is None:
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                seen_columns.update(row)
+                example = shape(task, dataset, row)
+            except BadRow as bad:
+                report.note(bad.message, f"{path.name} row {row_number}")
                 continue
             if not any(example.values()):
                 report.empty_rows += 1
                 continue
             examples.append(example)
     bad = sum(report.bad_rows.values())
-    names = ", ".join(path.name for path in files)
+    names = quoted([path.name for path in files])
     if not examples:
         problem = report.first_problems[0] if report.first_problems else "every row is empty after cleaning"
         hint = f"; the data has columns {quoted(sorted(seen_columns))}" if seen_columns else ""
-        raise DataError(f"{names}: no usable example ({problem}){hint}: check dataset.columns and dataset.format")
+        raise DataError(f"{names}: no usable example ({problem}){hint}", COLUMNS_FIX)
     if report.rows_read and bad / report.rows_read > MAX_BAD_FRACTION:
         raise DataError(
             f"{names}: {bad} of {report.rows_read} rows are bad, first: {'; '.join(report.first_problems)}; "
-            f"the data has columns {quoted(sorted(seen_columns))}: check dataset.columns and dataset.format"
+            f"the data has columns {quoted(sorted(seen_columns))}",
+            COLUMNS_FIX,
         )
     return examples
 
 
-def _rows(path: Path, declared_format: str) -> Iterator[tuple[int, dict[str, Any] | Exception]]:
+def _rows(path: Path, declared_format: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
     data_format = declared_format if declared_format != "auto" else SUFFIX_FORMATS.get(path.suffix.lower(), "jsonl")
     try:
-        if data_format == "jsonl":
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    if line.strip():
-                        yield number, _as_row(_json(line))
-        elif data_format == "json":
-            content = json.loads(path.read_text(encoding="utf-8"))
-            records = content if isinstance(content, list) else content.get("data", [content])
-            for number, record in enumerate(records, start=1):
-                yield number, _as_row(record)
-        elif data_format == "csv":
-            with path.open(encoding="utf-8", newline="") as stream:
-                for number, record in enumerate(csv.DictReader(stream), start=2):
-                    yield number, record
-        elif data_format == "parquet":
-            for number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
-                yield number, record
+        if data_format == "parquet":
+            yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+            return
+        # utf-8-sig: a byte order mark would otherwise stick to the first column name or the first row.
+        with path.open(
+            encoding="utf-8-sig", errors="surrogateescape", newline="" if data_format == "csv" else None
+        ) as stream:
+            yield from _records(stream, data_format)
+    except (OSError, ValueError, csv.Error) as exc:
+        raise DataError(f"{path.name}: cannot be read as {data_format} ({exc})", "check dataset.format") from exc
+
+
+def _records(stream: IO[str], data_format: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    if data_format == "jsonl":
+        for number, line in enumerate(stream, start=1):
+            if line.strip():
+                yield number, _as_row(_json(line))
+    elif data_format == "json":
+        content = json.loads(stream.read())
+        if isinstance(content, dict):
+            content = content.get("data", [content])
+        for number, record in enumerate(content if isinstance(content, list) else [content], start=1):
+            yield number, _as_row(record)
+    elif data_format == "csv":
+        yield from _csv(stream)
+    else:
+        for number, line in enumerate(stream, start=1):
+            yield number, {"text": line.rstrip("\n")}
+
+
+def _csv(stream: IO[str]) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """Rows by record number (the header is row 1); a row that does not match the header is bad, not fatal."""
+    reader = csv.reader(stream)
+    header = next(reader, [])
+    for number, fields in enumerate(_csv_records(reader), start=2):
+        if isinstance(fields, BadRow):
+            yield number, fields
+        elif len(fields) != len(header):
+            yield number, BadRow(f"unreadable ({len(fields)} fields, the header has {len(header)})")
         else:
-            with path.open(encoding="utf-8") as lines:
-                for number, line in enumerate(lines, start=1):
-                    yield number, {"text": line.rstrip("\n")}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise DataError(f"{path.name}: cannot be read as {data_format} ({exc}): check dataset.format") from exc
+            yield number, dict(zip(header, fields, strict=True))
 
 
-def _json(line: str) -> dict[str, Any] | Exception:
+def _csv_records(reader: Iterator[list[str]]) -> Iterator[list[str] | BadRow]:
+    """Each record's fields, or its csv error; blank lines are skipped, as csv.DictReader does."""
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # The reader goes on with the next record, so one broken record spoils only itself.
+            yield BadRow(f"unreadable ({exc})")
+            continue
+        if fields:
+            yield fields
+
+
+def _json(line: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        return ValueError(f"not JSON: {exc.msg}")
+        return BadRow(f"unreadable (not JSON: {exc.msg})")
+    except (ValueError, RecursionError) as exc:
+        # Numbers past Python's digit limit, or nesting deeper than the recursion limit.
+        return BadRow(f"unreadable (not JSON: {exc})")
 
 
-def _as_row(value: Any) -> dict[str, Any] | Exception:
-    if isinstance(value, Exception | dict):
+def _as_row(value: Any) -> dict[str, Any] | BadRow:
+    if isinstance(value, BadRow | dict):
         return value
-    return ValueError(f"expected an object with columns, got {type(value).__name__}")
+    return BadRow(f"unreadable (expected an object with columns, got {type(value).__name__})")
 
 
-def _clean(value: Any) -> str:
-    return unicodedata.normalize("NFC", str(value)).strip() if value is not None else ""
-
-
-def _shape(task: Task, dataset: Dataset, row: dict[str, Any], report: DataReport, where: str) -> dict[str, Any] | None:
-    """The example in the shape the task needs, or None (counted) when the row does not have it."""
+def shape(task: Task, dataset: Dataset, row: dict[str, Any]) -> dict[str, Any]:
+    """The example in the shape and types the task needs; BadRow when the row does not have them."""
     columns = dataset.columns
     if task == "token-classification":
-        tokens, tags = row.get(columns.tokens), row.get(columns.tags)
-        if not isinstance(tokens, list) or not isinstance(tags, list):
-            report.note(f"needs list columns {columns.tokens!r} and {columns.tags!r}", where)
-            return None
+        tokens, tags = _strings(row, columns.tokens), _strings(row, columns.tags)
         if len(tokens) != len(tags):
-            report.note(f"{len(tokens)} tokens but {len(tags)} tags", where)
-            return None
-        return {"tokens": [_clean(token) for token in tokens], "tags": [_clean(tag) for tag in tags]}
+            raise BadRow(f"{len(tokens)} tokens but {len(tags)} tags")
+        return {"tokens": tokens, "tags": tags}
     if task == "sequence-classification":
-        if columns.text not in row or columns.label not in row or row[columns.label] in (None, ""):
-            report.note(f"needs columns {columns.text!r} and {columns.label!r}", where)
-            return None
-        return {"text": _clean(row[columns.text]), "label": _clean(row[columns.label])}
-    if task == "causal-lm" and columns.messages and isinstance(row.get(columns.messages), list):
-        return _chat(row[columns.messages], report, where)
+        if columns.text not in row:
+            raise BadRow(f"needs columns {columns.text!r} and {columns.label!r}")
+        return {"text": _text(row, columns.text), "label": _label(row, columns.text, columns.label)}
+    if task == "causal-lm" and columns.messages and row.get(columns.messages) is not None:
+        return _chat(row, columns.messages)
     if task == "causal-lm" and columns.prompt and columns.completion and columns.prompt in row:
         if columns.completion not in row:
-            report.note(f"has {columns.prompt!r} but no {columns.completion!r}", where)
-            return None
-        return {"prompt": _clean(row[columns.prompt]), "completion": _clean(row[columns.completion])}
+            raise BadRow(f"has {columns.prompt!r} but no {columns.completion!r}")
+        return {"prompt": _text(row, columns.prompt), "completion": _text(row, columns.completion)}
     if columns.text in row:
-        return {"text": _clean(row[columns.text])}
+        return {"text": _text(row, columns.text)}
     wanted = (
         [name for name in (columns.messages, columns.prompt, columns.text) if name]
         if task == "causal-lm"
         else [columns.text]
     )
-    report.note(f"has none of the columns {wanted}", where)
-    return None
+    raise BadRow(f"has none of the columns {wanted}")
 
 
-def _chat(messages: list[Any], report: DataReport, where: str) -> dict[str, Any] | None:
-    turns = []
-    for turn in messages:
-        if (
-            not isinstance(turn, dict)
-            or turn.get("role") not in ("system", "user", "assistant")
-            or "content" not in turn
-        ):
-            report.note("messages must be {role: system|user|assistant, content} objects", where)
-            return None
-        turns.append({"role": turn["role"], "content": _clean(turn["content"])})
+def _text(row: dict[str, Any], column: str) -> str:
+    """The column's text, cleaned; a missing or null value is empty (and the row then counts as empty)."""
+    value = row.get(column)
+    return "" if value is None else _clean(value, f"column {column!r}")
+
+
+def _label(row: dict[str, Any], text_column: str, column: str) -> str:
+    """A string label, or an int label as its decimal string; bools and floats are not labels."""
+    value = row.get(column)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    label = "" if value is None else _clean(value, f"column {column!r}", "text or an integer")
+    if not label:
+        raise BadRow(f"needs columns {text_column!r} and {column!r}")
+    return label
+
+
+def _strings(row: dict[str, Any], column: str) -> list[str]:
+    values = row.get(column)
+    if not isinstance(values, list):
+        raise BadRow(f"column {column!r} holds {_kind(values)}, expected a list of strings")
+    return [_clean(value, f"an item of column {column!r}") for value in values]
+
+
+def _chat(row: dict[str, Any], column: str) -> dict[str, Any]:
+    messages = row[column]
+    if not isinstance(messages, list):
+        raise BadRow(f"column {column!r} holds {_kind(messages)}, expected a list of {{role, content}} messages")
+    turns = [_turn(message, column) for message in messages]
     if not any(turn["role"] == "assistant" and turn["content"] for turn in turns):
-        report.note("a conversation without an assistant turn has nothing to learn", where)
-        return None
+        raise BadRow("a conversation without an assistant turn has nothing to learn")
     return {"messages": turns}
+
+
+def _turn(message: Any, column: str) -> dict[str, str]:
+    if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
+        raise BadRow("messages must be {role: system|user|assistant, content} objects")
+    content = message["content"]
+    what = f"a message's content in column {column!r}"
+    return {"role": message["role"], "content": "" if content is None else _clean(content, what)}
+
+
+def _clean(value: Any, what: str, expected: str = "text") -> str:
+    """The value NFC-normalised and stripped, if it is text: nothing is stringified into training data."""
+    if not isinstance(value, str):
+        raise BadRow(f"{what} holds {_kind(value)}, expected {expected}")
+    if SURROGATE.search(value):
+        raise BadRow(f"{what} is not UTF-8 text")
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def _kind(value: Any) -> str:
+    """A value's type as a message names it: 'a dict', 'an int', 'null'."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _dedupe(examples: list[dict[str, Any]], report: DataReport) -> list[dict[str, Any]]:
@@ -239,8 +325,8 @@ def _label_names(task: Task, train: list[dict[str, Any]], validation: list[dict[
     if unknown:
         raise DataError(
             f"validation data has labels the training data never shows: {quoted(unknown)}; "
-            f"known labels are {quoted(known)}: "
-            "add training examples for them or fix the labels"
+            f"known labels are {quoted(known)}",
+            "add training examples for them or fix the labels",
         )
     if len(known) < 2:
         raise DataError(f"classification needs at least two labels in the training data, found {quoted(known)}")
