@@ -152,6 +152,19 @@ def test_a_field_added_since_the_first_release_keeps_old_revisions_at_its_defaul
     assert naming.revision(sharded) != naming.revision(spec)
 
 
+def test_storage_settings_keep_the_revision_but_not_a_legacy_one() -> None:
+    """Rotating credentials or moving the endpoint resumes; the first releases' revisions hashed storage."""
+    spec = target_for("lora-sft-chat.yaml").spec
+    moved = spec.model_copy(
+        update={
+            "storage": spec.storage.model_copy(update={"endpoint": "http://s3.other:9000", "credentials_secret": "new"})
+        }
+    )
+    assert naming.revision(moved) == naming.revision(spec)
+    assert naming.storage_hash(moved) != naming.storage_hash(spec)
+    assert naming.revision(moved, running="cd266867") != "cd266867"
+
+
 def test_adopting_another_jobs_checkpoints_keeps_the_revision() -> None:
     spec = target_for("lora-sft-chat.yaml").spec
     adopting = spec.model_copy(
@@ -169,7 +182,7 @@ def test_revisions_are_long_and_a_legacy_revision_is_kept_only_for_its_own_spec(
     current = naming.revision(spec)
     assert len(current) == naming.REVISION_LENGTH and current.isalnum() and current.islower()
     # Pinned, like the legacy revision: the hash of an unchanged spec never changes.
-    assert current == naming.revision(spec, running=current) == "zutgqz2yely3"
+    assert current == naming.revision(spec, running=current) == "uflpko6kciy3"
     other = spec.model_copy(update={"task": "masked-lm"})
     assert naming.revision(other, running="cd266867") == naming.revision(other) != "cd266867"
     assert naming.revision(spec, running="0123abcd") == current

@@ -412,6 +412,32 @@ def test_a_job_an_older_operator_rendered_is_left_as_it_is(kube: Kube, operator:
     assert "immutable" not in operator.log(), operator.log()
 
 
+def test_moving_the_storage_replaces_the_unfinished_job_in_the_same_revision(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    """Rotating the credentials Secret or moving the endpoint resumes the revision: same prefix, same checkpoints."""
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "moved", suspend=True))
+    revision = wait_for(kube, operator, "moved", lambda status: status.get("phase") == "Suspended")["status"][
+        "revision"
+    ]
+    [job] = children(kube, "jobs", "moved")
+    storage = {"endpoint": "http://s3.elsewhere:9000", "credentialsSecret": "rotated-creds", "addressing": "path"}
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "moved", suspend=True, storage=storage))
+
+    def replaced(status: dict) -> bool:
+        jobs = children(kube, "jobs", "moved")
+        return bool(jobs) and jobs[0]["metadata"]["uid"] != job["metadata"]["uid"]
+
+    status = wait_for(kube, operator, "moved", lambda status: replaced(status) and status.get("phase") == "Suspended")[
+        "status"
+    ]
+    assert status["revision"] == revision
+    [after] = children(kube, "jobs", "moved")
+    env = {item["name"]: item for item in after["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.elsewhere:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "rotated-creds"
+
+
 @pytest.mark.slow
 def test_real_training_reports_progress_metrics_and_checkpoints_into_the_status(
     kube: Kube, operator: OperatorProcess, tmp_path: Path

@@ -94,8 +94,11 @@ class KubeApi:
         )
         return patched.to_dict()
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        await self._client.delete(Job, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
+    async def delete_job(self, namespace: str, name: str, wait_for_pods: bool = False) -> None:
+        """Delete a Job; with wait_for_pods it stays (terminating) until its pods are gone, so that a replacement
+        never trains beside them."""
+        cascade = CascadeType.FOREGROUND if wait_for_pods else CascadeType.BACKGROUND
+        await self._client.delete(Job, name, namespace=namespace, cascade=cascade)
 
     async def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         pods = self._client.list(Pod, namespace=namespace, labels={"batch.kubernetes.io/job-name": job_name})

@@ -15,8 +15,13 @@ MODEL_REVISION_LABEL = "tunery.dev/model-revision"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The rendering a Job's pod template came from: a Job rendered otherwise (by an older operator) is left as it is.
 TEMPLATE_HASH_ANNOTATION = "tunery.dev/template-hash"
-# Fields that do not change what is trained: editing them never starts a new revision.
-_NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds"}
+# The storage settings a Job was created with: a Job whose storage changed is replaced (it resumes).
+STORAGE_HASH_ANNOTATION = "tunery.dev/storage-hash"
+# Fields that do not change what is trained: editing them never starts a new revision. Storage (endpoint, region,
+# credentials) only says how to reach the data: rotating a Secret or moving the endpoint resumes the same revision.
+_NOT_TRAINING = {"serving", "suspend", "backoff_limit", "active_deadline_seconds", "storage"}
+# The first releases hashed the storage settings too.
+_LEGACY_NOT_TRAINING = _NOT_TRAINING - {"storage"}
 
 
 REVISION_LENGTH = 12
@@ -39,19 +44,29 @@ def revision(spec: FineTuneJobSpec, running: str | None = None) -> str:
     be crafted to share another's revision (and so its output prefix); names stay within 63 characters.
 
     `running` is the FineTuneJob's status.revision: a revision named before revisions grew (the first 8 hex digits
-    of the same hash) is kept for the same spec, so that upgrading the operator does not retrain it.
+    of the hash as it was, storage included) is kept for the same spec, so that upgrading the operator does not
+    retrain it.
     """
-    fields = spec.model_dump(mode="json", exclude=_NOT_TRAINING)
+    if running is not None and running == _digest(spec, _LEGACY_NOT_TRAINING).hex()[:_LEGACY_LENGTH]:
+        return running
+    return base64.b32encode(_digest(spec, _NOT_TRAINING)).decode().lower()[:REVISION_LENGTH]
+
+
+def storage_hash(spec: FineTuneJobSpec) -> str:
+    """A short hash of spec.storage, which reaches the training pods but not the revision."""
+    canonical = json.dumps(spec.storage.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _digest(spec: FineTuneJobSpec, not_training: set[str]) -> bytes:
+    fields = spec.model_dump(mode="json", exclude=not_training)
     for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
         if fields[section][name] == unchanged:
             del fields[section][name]
     for section, name in _NOT_TRAINING_NESTED:
         del fields[section][name]
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).digest()
-    if running is not None and running == digest.hex()[:_LEGACY_LENGTH]:
-        return running
-    return base64.b32encode(digest).decode().lower()[:REVISION_LENGTH]
+    return hashlib.sha256(canonical.encode()).digest()
 
 
 def job_name(finetunejob: str, revision_id: str) -> str:

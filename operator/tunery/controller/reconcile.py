@@ -93,7 +93,7 @@ class Reconciler:
             ]
         except NotOwned as conflict:
             return decisions.Observation(generation, revision, child_conflict=str(conflict))
-        job = next(child for child in applied if child["kind"] == "Job")
+        job = applied[-1]
         await self._stop_stale_revisions(target)
         pods = await self._api.list_pods(target.namespace, target.job_name)
         warnings = [] if pods or job is None else await self._api.list_job_warnings(target.namespace, target.job_name)
@@ -145,17 +145,24 @@ class Reconciler:
 
     async def _apply_training_child(
         self, child: dict[str, Any], existing_job: dict[str, Any] | None, target: TrainingTarget
-    ) -> dict[str, Any]:
-        """Apply a child; a Job whose pod template another rendering made (an older operator, another trainer image)
-        keeps it, since templates are immutable, and only has spec.suspend brought in line."""
+    ) -> dict[str, Any] | None:
+        """Apply a child. Pod templates are immutable, so a Job rendered otherwise is handled apart: one whose
+        storage settings changed is replaced while unfinished (the new pods resume from its checkpoints; None while
+        the old pods go), any other (an older operator, another trainer image) keeps its template and only has
+        spec.suspend brought in line."""
         if child["kind"] != "Job" or existing_job is None or not owned_by(existing_job, target.uid):
             return await self._api.apply_owned(child)
-        annotations = existing_job["metadata"].get("annotations") or {}
-        if (
-            annotations.get(naming.TEMPLATE_HASH_ANNOTATION)
-            == child["metadata"]["annotations"][naming.TEMPLATE_HASH_ANNOTATION]
-        ):
+        if existing_job["metadata"].get("deletionTimestamp"):
+            return None
+        have = existing_job["metadata"].get("annotations") or {}
+        want = child["metadata"]["annotations"]
+        if have.get(naming.TEMPLATE_HASH_ANNOTATION) == want[naming.TEMPLATE_HASH_ANNOTATION]:
             return await self._api.apply_owned(child)
+        storage_changed = have.get(naming.STORAGE_HASH_ANNOTATION) not in (None, want[naming.STORAGE_HASH_ANNOTATION])
+        if storage_changed and decisions.finished_condition(existing_job) is None:
+            logger.info("replacing Job %s: spec.storage changed; it resumes from its checkpoints", target.job_name)
+            await self._api.delete_job(target.namespace, target.job_name, wait_for_pods=True)
+            return None
         wanted = child["spec"].get("suspend")
         if wanted is None or existing_job["spec"].get("suspend") == wanted:
             return existing_job

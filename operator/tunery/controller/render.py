@@ -336,7 +336,10 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         )
     metadata = _metadata(target, target.job_name, "trainer")
     metadata["labels"] = labels
-    metadata["annotations"] = {naming.TEMPLATE_HASH_ANNOTATION: template_hash(job_spec["template"])}
+    metadata["annotations"] = {
+        naming.TEMPLATE_HASH_ANNOTATION: template_hash(job_spec["template"]),
+        naming.STORAGE_HASH_ANNOTATION: naming.storage_hash(spec),
+    }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
