@@ -1,6 +1,7 @@
 """Tiny models trained and published for real, and `tunery serve` run on them as a real process."""
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -139,11 +140,36 @@ def endless_decoder(root: Path) -> Path:
         model.lm_head.weight[tokenizer.all_special_ids] = 0
     model.save_pretrained(root / "layout" / "model")
     tokenizer.save_pretrained(root / "layout" / "model")
+    return publish_untrained(root, {"name": "endless", "task": "causal-lm", "model": "model/"})
+
+
+def untrained_chat_decoder(root: Path) -> Path:
+    """A tiny random Llama with the ChatML template tunery trains with, published untrained."""
+    from tunery_trainer.tokenization import DEFAULT_CHAT_TEMPLATE
+
+    model = decoder(root / "layout" / "model")
+    config = model / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": DEFAULT_CHAT_TEMPLATE}))
+    return publish_untrained(root, {"name": "untrained-chat", "task": "causal-lm", "model": "model/"})
+
+
+def untrained_classifier(root: Path) -> Path:
+    """A tiny random BERT sequence classifier (warm or cool), published untrained."""
+    import transformers
+
+    labels = ["cool", "warm"]
+    base = encoder(root / "bert")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
+    model.save_pretrained(root / "layout" / "model")
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(root / "layout" / "model")
+    manifest = {"name": "untrained-warmth", "task": "sequence-classification", "labels": labels, "model": "model/"}
+    return publish_untrained(root, manifest)
+
+
+def publish_untrained(root: Path, manifest: dict[str, Any]) -> Path:
+    """Publish root/layout as the trainer publishes (files with their digests, the manifest last)."""
     published = root / "published"
-    # As the trainer publishes (files with their digests, the manifest last), for a model nobody trained.
-    Storage(S3Settings()).publish(
-        root / "layout", f"file://{published}/", {"name": "endless", "task": "causal-lm", "model": "model/"}
-    )
+    Storage(S3Settings()).publish(root / "layout", f"file://{published}/", manifest)
     return published
 
 

@@ -14,7 +14,7 @@ from tunery_server.disconnect import unless_disconnected
 from tunery_server.errors import install_error_handlers
 from tunery_server.guards import ApiKeyCheck, ConcurrencyLimit
 from tunery_server.metrics import ServerMetrics
-from tunery_server.middleware import BodySizeLimit, RequestMetrics
+from tunery_server.middleware import BodySizeLimit, RequestMetrics, UnexpectedErrors
 from tunery_server.model import CLASSIFIERS, GENERATIVE, ServedModel
 from tunery_server.service import CHAT, CLASSIFY, COMPLETIONS, MODELS, ModelService
 from tunery_server.settings import ServerSettings
@@ -43,7 +43,7 @@ def create_app(
         finally:
             service.stop()
 
-    app = FastAPI(title="tunery serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tunery serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
     @app.get("/healthz")
@@ -112,6 +112,8 @@ def create_app(
     if settings.api_key:
         app.add_middleware(ApiKeyCheck, key=settings.api_key)
     app.add_middleware(RequestMetrics, metrics=metrics, endpoints=frozenset({COMPLETIONS, CHAT, CLASSIFY, MODELS}))
+    # Outermost, so that a failure anywhere, in the middleware above too, is answered (and counted as a 500).
+    app.add_middleware(UnexpectedErrors)
     app.state.service = service
     app.state.metrics = metrics
     return app

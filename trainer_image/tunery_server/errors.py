@@ -1,5 +1,6 @@
 """Every error the server returns, in OpenAI's shape, so that OpenAI clients raise their usual exceptions."""
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,7 +36,14 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return _AsciiJSON(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII characters escaped: a message quoting what UTF-8 cannot encode is still sendable."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
@@ -64,11 +72,12 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = INVALID_REQUEST if error.status_code < 500 else SERVER_ERROR
         return ApiError(error.status_code, str(error.detail), type=kind).response()
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        # The traceback goes to the log (uvicorn prints it); the client learns only that it was not its fault.
-        message = f"the server failed on this request ({type(error).__name__}); see the server log"
-        return ApiError(500, message, type=SERVER_ERROR).response()
+
+def server_failure(error: Exception) -> ApiError:
+    """A 500 that tells the client only that it was not its fault; the traceback goes to the log."""
+    return ApiError(
+        500, f"the server failed on this request ({type(error).__name__}); see the server log", type=SERVER_ERROR
+    )
 
 
 def validation_error(errors: Any) -> ApiError:
@@ -96,10 +105,16 @@ def _most_telling(errors: list[Any]) -> dict[str, Any]:
 
     for error in errors:
         said_more = any(other is not error and field(other) == field(error) for other in errors)
-        if error.get("type") == "string_type" and "str" in error.get("loc", ()) and said_more:
+        string_member = any(_is_string_member(part) for part in error.get("loc", ()))
+        if error.get("type") == "string_type" and string_member and said_more:
             continue
         return dict(error)
     return dict(errors[0]) if errors else {}
+
+
+def _is_string_member(part: Any) -> bool:
+    """`str`, or a validated string (`Text`), as pydantic names a union's string member in an error's location."""
+    return part == "str" or (isinstance(part, str) and part.startswith("function-after[") and part.endswith(" str]"))
 
 
 def field_path(location: list[Any]) -> str | None:

@@ -1,13 +1,44 @@
-"""ASGI middleware: refuse oversized request bodies, and count and time every API request."""
+"""ASGI middleware: answer failures without losing the connection, refuse oversized bodies, count API requests."""
 
+import logging
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tunery_server.errors import ApiError
+from tunery_server.errors import ApiError, server_failure
 from tunery_server.metrics import ServerMetrics
 
 API_PREFIX = "/v1/"
+logger = logging.getLogger("tunery_server")
+
+
+class UnexpectedErrors:
+    """Answer a failure in the server with OpenAI's 500 and re-raise nothing, so the connection stays open.
+
+    Starlette's own handler for Exception answers and then re-raises, and uvicorn closes the connection on that.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as error:  # noqa: BLE001 - any failure is answered, and its traceback logged
+            logger.exception("%s %s failed", scope.get("method"), scope["path"])
+            # A response already under way cannot become a 500: left unfinished, the server ends its connection.
+            if not started:
+                await server_failure(error).response()(scope, receive, send)
 
 
 class BodySizeLimit:

@@ -18,11 +18,16 @@ CLASSIFIERS = ("sequence-classification", "token-classification")
 # Chat templates end a turn with a marker of their own; a model tuned on chat emits it where it would stop.
 TURN_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _WORD = re.compile(r"\S+")
+# Below it logits divided by the temperature overflow float32 (inf, then NaN probabilities); sampling there is
+# greedy in all but ties anyway, so it is greedy (vLLM draws the line at the same place).
+GREEDY_BELOW = 1e-5
+# torch takes seeds in [0, 2^64); the API's int64 seeds map onto that range one to one.
+SEEDS = 2**64
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens: temperature 0 is greedy; a seed makes sampling repeatable."""
+    """How to pick tokens: temperature 0 (or below GREEDY_BELOW) is greedy; a seed makes sampling repeatable."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -84,7 +89,7 @@ class ServedModel:
             if cancelled.is_set():
                 return Generated("", "stop", 0)
             if params.seed is not None:
-                torch.manual_seed(params.seed)
+                torch.manual_seed(params.seed % SEEDS)
             ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
             with torch.inference_mode():
                 self.model.generate(
@@ -267,7 +272,7 @@ def _dtype(device: torch.device) -> torch.dtype:
 
 
 def _sampling(params: SamplingParams) -> dict[str, Any]:
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return {"do_sample": False}
     # top_k 0: OpenAI's API has no top-k, and transformers would otherwise apply its default of 50.
     return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}

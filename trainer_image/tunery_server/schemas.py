@@ -2,12 +2,29 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-# OpenAI's own bounds on the sampling parameters.
+# OpenAI's own bounds on the sampling parameters; its seed is an int64.
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 MAX_STOP_SEQUENCES = 4
+# The roles the trainer takes in chat data (tunery_trainer.data): a served model saw no other.
+ROLES = ("system", "user", "assistant")
+
+
+def _unicode(value: str) -> str:
+    """Refuse lone surrogates (JSON's "\\ud800" escapes make them): they are not text, and no tokenizer takes them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"a lone surrogate (U+{ord(value[error.start]):04X}) at character {error.start}: send UTF-8 text"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class Request(BaseModel):
@@ -15,7 +32,7 @@ class Request(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
 
 
 class StreamOptions(BaseModel):
@@ -30,10 +47,10 @@ class Sampling(Request):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: int = 1
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("n")
@@ -63,7 +80,7 @@ class Sampling(Request):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     @field_validator("prompt")
     @classmethod
@@ -80,14 +97,22 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: str
+    content: Text | list[TextPart] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _trained_role(cls, value: str) -> str:
+        if value not in ROLES:
+            # repr() escapes what UTF-8 cannot encode, so the message is always sendable.
+            raise ValueError(f"{value!r} is not a role tunery trains on: use system, user or assistant")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -111,7 +136,7 @@ class ChatRequest(Sampling):
 
 
 class ClassifyRequest(Request):
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: Text | Annotated[list[Text], Field(min_length=1)]
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
