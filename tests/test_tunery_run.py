@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,37 @@ def test_qlora_without_a_gpu_is_refused_with_exit_67(tmp_path: Path) -> None:
     message = json.loads(termination.read_text())
     assert message["reason"] == "Unsupported" and "method.type qlora" in message["message"]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("tunery-manifest.json"))
+
+
+@pytest.mark.slow
+def test_a_stopped_run_stops_its_trainer_and_exits_with_its_code(tmp_path: Path) -> None:
+    """SIGTERM to `tunery run` (a terminal closed, a CI job cancelled) reaches the trainer instead of orphaning it."""
+    base = decoder(tmp_path / "base")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(120)])
+    job = manifest(tmp_path, f"file://{base}/", f"file://{data}")
+    job.write_text(job.read_text().replace("maxSteps: 6", "maxSteps: 100000"))
+    run = subprocess.Popen(
+        [TUNERY, "run", str(job)], env={**os.environ, "OUT_DIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("out/*/checkpoints/step-*")):
+        assert run.poll() is None and time.monotonic() < deadline, "training never wrote a checkpoint"
+        time.sleep(0.5)
+    trainers = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert trainers, "tunery run has no trainer child"
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    run.stderr.close()
+    for pid in map(int, trainers):
+        deadline = time.monotonic() + 30
+        while running(pid):
+            assert time.monotonic() < deadline, f"trainer {pid} still runs after tunery run stopped"
+            time.sleep(0.2)
+
+
+def running(pid: int) -> bool:
+    """Whether the process is alive (a zombie waiting for its reparented parent counts as stopped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,4 +89,18 @@ def train_locally(config: TrainerConfig, processes: int, workdir: Path | None, m
             ]
         else:
             command = [sys.executable, "-m", "tunery_trainer", *trainer]
-        return subprocess.call(command)
+        return _run_forwarding_signals(command)
+
+
+def _run_forwarding_signals(command: list[str]) -> int:
+    """Run the trainer until it exits, passing on SIGTERM, SIGINT and SIGHUP (else a stopped `tunery run` leaves
+    it training, reparented); a trainer ended by a signal exits 128 + the signal's number, as a shell reports."""
+    process = subprocess.Popen(command)
+    forwarded = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {number: signal.signal(number, lambda number, _: process.send_signal(number)) for number in forwarded}
+    try:
+        code = process.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return code if code >= 0 else 128 - code
