@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from tiny_models import decoder, minilm_path
 
-from tunery_trainer.tokenization import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, pack, tokenize
+from tunery_trainer.tokenization import CHARS_PER_TOKEN, DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, pack, tokenize
 
 # What the ChatML template puts after every message; an assistant turn's loss may cover it (it ends the turn).
 END_OF_TURN = "<|im_end|>\n"
@@ -203,6 +203,54 @@ def test_masked_lm_keeps_ids_only_and_truncates(wordpiece: Any) -> None:
     data = tokenize("masked-lm", wordpiece, [{"text": "the sky is blue and the grass is green"}], [], 4, [])
     assert data.truncated == 1
     assert data.train == [{"input_ids": wordpiece("the sky is blue and the grass is green")["input_ids"][:4]}]
+
+
+# A huge row
+
+# About 50 MB in one row: the tokenizer must only ever see its first maxLength * CHARS_PER_TOKEN characters.
+HUGE = "word " * 10_000_000
+HUGE_LENGTH = 64
+# What a chat template or the space before a completion adds to the bounded text.
+TEMPLATE_CHARS = 100
+
+
+class Spy:
+    """A tokenizer that fails a call given more text than the bound, and otherwise passes it on."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, text: str | list[str], **options: Any) -> Any:
+        seen = len(text) if isinstance(text, str) else sum(len(word) for word in text)
+        assert seen <= HUGE_LENGTH * CHARS_PER_TOKEN + TEMPLATE_CHARS, f"the tokenizer was given {seen} characters"
+        return self.tokenizer(text, **options)
+
+
+@pytest.mark.parametrize(
+    ("task", "tokenizer_name", "example"),
+    [
+        ("causal-lm", "tokenizer", {"text": HUGE}),
+        ("causal-lm", "tokenizer", {"prompt": "say it:", "completion": HUGE}),
+        (
+            "causal-lm",
+            "tokenizer",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": HUGE}]},
+        ),
+        ("masked-lm", "wordpiece", {"text": HUGE}),
+        ("sequence-classification", "wordpiece", {"text": HUGE, "label": "pos"}),
+        ("token-classification", "wordpiece", {"tokens": ["word"] * 1_000_000, "tags": ["O"] * 1_000_000}),
+    ],
+)
+def test_a_huge_row_is_cut_before_the_tokenizer_sees_it(
+    request: pytest.FixtureRequest, task: str, tokenizer_name: str, example: dict[str, Any]
+) -> None:
+    spy = Spy(request.getfixturevalue(tokenizer_name))
+    data = tokenize(task, spy, [example], [], HUGE_LENGTH, ["O", "pos"])
+    assert data.truncated == 1
+    assert len(data.train[0]["input_ids"]) == HUGE_LENGTH
 
 
 # Packing

@@ -7,6 +7,9 @@ from typing import Any
 from tunery.api.spec import Task
 
 IGNORE_INDEX = -100
+# No tokenizer puts more characters than this in one token (typically 3 to 5), so text cut at maxLength times this
+# still gives maxLength tokens, while a 50 MB row costs the tokenizer no more memory than maxLength allows.
+CHARS_PER_TOKEN = 32
 
 # Used when a tokenizer has no chat template of its own (base models, tokenizers trained from scratch); ChatML.
 DEFAULT_CHAT_TEMPLATE = (
@@ -39,11 +42,42 @@ def tokenize(
     result = TokenizedData([], [])
     for examples, target in ((train, result.train), (validation, result.validation)):
         for example in examples:
-            sequence, truncated = _tokenize_one(task, tokenizer, example, max_length, label_ids)
-            result.truncated += truncated
+            bounded, cut = _bounded(example, max_length)
+            sequence, truncated = _tokenize_one(task, tokenizer, bounded, max_length, label_ids)
+            result.truncated += truncated or cut
             if sequence is not None:
                 target.append(sequence)
     return result
+
+
+def _bounded(example: dict[str, Any], max_length: int) -> tuple[dict[str, Any], bool]:
+    """The example cut to what max_length tokens can hold, and whether anything was cut."""
+    chars = max_length * CHARS_PER_TOKEN
+    bounded = dict(example)
+    for key in ("text", "prompt", "completion"):
+        if key in example:
+            bounded[key] = example[key][:chars]
+    if "tokens" in example:
+        # Every word is at least one token; tags stay as they are, looked up by word index.
+        bounded["tokens"] = _within(example["tokens"], chars, max_length)
+    if "messages" in example:
+        # Every message is at least one token of the template's markers.
+        contents = _within([message["content"] for message in example["messages"]], chars, max_length)
+        bounded["messages"] = [
+            {**message, "content": content} for message, content in zip(example["messages"], contents, strict=False)
+        ]
+    return bounded, bounded != example
+
+
+def _within(texts: list[str], chars: int, count: int) -> list[str]:
+    """The first texts, at most count of them, cut so that together they hold at most chars characters."""
+    kept: list[str] = []
+    for text in texts[:count]:
+        if chars <= 0:
+            break
+        kept.append(text[:chars])
+        chars -= len(kept[-1])
+    return kept
 
 
 def _tokenize_one(
