@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tunery_trainer.checkpoints import Owner, latest
 from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError, download_from_hub
 
 
@@ -125,3 +126,14 @@ def test_an_s3_key_that_climbs_out_of_the_prefix_is_refused(tmp_path: Path, name
             storage.fetch("s3://bucket/models/", tmp_path / "a" / "b" / "fetched")
     assert refused.value.reason == "UnsafePath" and f"models/{name}" in refused.value.message
     assert not list(tmp_path.rglob("*.txt"))
+
+
+def test_empty_checkpoint_prefixes_are_skipped_quietly(storage: Storage, tmp_path: Path, caplog) -> None:
+    """Deleting a checkpoint leaves an empty prefix on some stores: not a half-written checkpoint to report."""
+    root = tmp_path / "checkpoints"
+    (root / "step-00000003").mkdir(parents=True)
+    (root / "step-00000006").mkdir()
+    (root / "step-00000006" / "trainable.safetensors").write_bytes(b"half")
+    caplog.set_level("INFO", logger="tunery_trainer.checkpoints")
+    assert latest(storage, f"file://{root}/", "rev", Owner("uid-1")) is None
+    assert "step-00000006" in caplog.text and "step-00000003" not in caplog.text

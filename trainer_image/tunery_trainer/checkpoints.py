@@ -93,6 +93,8 @@ def _complete(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Ow
     found = []
     for uri in reversed(storage.children(checkpoint_uri)):
         manifest = storage.read_manifest(uri)
+        if manifest is None and not storage.holds_files(uri):
+            continue
         if manifest is None:
             logger.info("ignoring %s: no manifest, it was being written when the trainer stopped", uri)
         elif manifest.get("configHash") != config_hash:

@@ -186,6 +186,15 @@ class Storage:
                 if objects:
                     self.client.delete_objects(Bucket=location.bucket, Delete={"Objects": objects, "Quiet": True})
 
+    def holds_files(self, uri: str) -> bool:
+        """Whether anything but directory markers is stored under a prefix (deleting leaves empty ones on some stores)."""
+        location = Location.parse(_as_prefix(uri))
+        if location.local is not None:
+            return location.local.is_dir() and any(path.is_file() for path in location.local.rglob("*"))
+        with self._explained(location):
+            listed = self.client.list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=10)
+        return any(not item["Key"].endswith("/") for item in listed.get("Contents", []))
+
     def read_manifest(self, uri: str) -> dict[str, Any] | None:
         """The manifest of a published directory, or None when it has none (yet)."""
         location = Location.parse(_as_prefix(uri))
