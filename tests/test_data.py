@@ -252,3 +252,12 @@ def test_many_shards_still_leave_room_for_the_fix(tmp_path: Path, monkeypatch: p
 def test_a_long_problem_is_cut_and_the_fix_kept() -> None:
     message = DataError("row 1: " + "y" * 1_000_000, "fix this").message
     assert len(message) == MESSAGE_CHARS and message.endswith("…: fix this")
+
+
+def test_nesting_past_the_recursion_limit_is_a_data_error_not_a_crash(tmp_path: Path) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    rows = [deep, *({"text": f"row {index}"} for index in range(3))]
+    assert first_problems(tmp_path, "causal-lm", rows)[0].startswith("t.jsonl row 1: unreadable (not JSON: maximum")
+    (tmp_path / "t.json").write_text(deep)
+    with pytest.raises(DataError, match="t.json: cannot be read as json"):
+        prepare("causal-lm", dataset(), [tmp_path / "t.json"], [], seed=1)

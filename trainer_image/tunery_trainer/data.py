@@ -146,11 +146,12 @@ def _rows(path: Path, declared_format: str) -> Iterator[tuple[int, dict[str, Any
             encoding="utf-8-sig", errors="surrogateescape", newline="" if data_format == "csv" else None
         ) as stream:
             yield from _records(stream, data_format)
-    except (OSError, ValueError, csv.Error) as exc:
+    except (OSError, ValueError, RecursionError, csv.Error) as exc:
         raise DataError(f"{path.name}: cannot be read as {data_format} ({exc})", "check dataset.format") from exc
 
 
 def _records(stream: IO[str], data_format: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """The rows of a text file by number, each a dict of columns or the BadRow it is."""
     if data_format == "jsonl":
         for number, line in enumerate(stream, start=1):
             if line.strip():
@@ -197,6 +198,7 @@ def _csv_records(reader: Iterator[list[str]]) -> Iterator[list[str] | BadRow]:
 
 
 def _json(line: str) -> Any:
+    """The line's JSON value, or the BadRow saying why it is not JSON."""
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
@@ -258,6 +260,7 @@ def _label(row: dict[str, Any], text_column: str, column: str) -> str:
 
 
 def _strings(row: dict[str, Any], column: str) -> list[str]:
+    """The column's list of strings, each cleaned."""
     values = row.get(column)
     if not isinstance(values, list):
         raise BadRow(f"column {column!r} holds {_kind(values)}, expected a list of strings")
@@ -265,6 +268,7 @@ def _strings(row: dict[str, Any], column: str) -> list[str]:
 
 
 def _chat(row: dict[str, Any], column: str) -> dict[str, Any]:
+    """A conversation of {role, content} turns with at least one assistant turn to learn from."""
     messages = row[column]
     if not isinstance(messages, list):
         raise BadRow(f"column {column!r} holds {_kind(messages)}, expected a list of {{role, content}} messages")
@@ -275,6 +279,7 @@ def _chat(row: dict[str, Any], column: str) -> dict[str, Any]:
 
 
 def _turn(message: Any, column: str) -> dict[str, str]:
+    """One message as {role, content}, its content cleaned text (null is empty)."""
     if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
         raise BadRow("messages must be {role: system|user|assistant, content} objects")
     content = message["content"]
