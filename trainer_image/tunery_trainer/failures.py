@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from tunery.api import contract
-from tunery_trainer.data import DataError
+from tunery_trainer.data import MESSAGE_CHARS, DataError
 from tunery_trainer.redaction import redact
 from tunery_trainer.storage import StorageError
 
@@ -38,4 +38,4 @@ def write_termination_message(reason: str, message: str) -> None:
     path = Path(override or contract.TERMINATION_MESSAGE_PATH)
     if override or path.exists():
         # Kubernetes keeps at most 4096 bytes of it.
-        path.write_text(json.dumps({"reason": reason, "message": redact(message)[:3500]}))
+        path.write_text(json.dumps({"reason": reason, "message": redact(message)[:MESSAGE_CHARS]}))
