@@ -15,7 +15,8 @@ from tunery.api.spec import FineTuneJobSpec
 from tunery.controller import naming
 from tunery.controller.claims import claim_mounts
 from tunery.controller.render import TrainingTarget, render_job
-from tunery.controller.serving import ServingTarget, render_serving_children
+from tunery.controller.serving import ServingTarget, render_serving_children, serving_target
+from tunery.controller.settings import OperatorSettings
 
 REFUSED = load_cases(REFUSED_DIR)
 
@@ -125,9 +126,7 @@ def test_no_spec_string_is_expanded_by_the_kubelet() -> None:
     """output.uri "s3://bucket/out/$(AWS_SECRET_ACCESS_KEY)/" must reach the fetch container as written."""
     sneaky = "s3://bucket/out/$(AWS_SECRET_ACCESS_KEY)/"
     spec = spec_of(output={"uri": sneaky}, storage={"endpoint": "http://s3.local/$(AWS_SECRET_ACCESS_KEY)"})
-    serving = ServingTarget(
-        "bot", "team-a", "uid-1", spec, f"{sneaky}rev/", "rev", "bot", "trainer:test", "vllm:test", 900
-    )
+    serving = serving_of(spec, model_uri=f"{sneaky}rev/")
     deployment = render_serving_children(serving)[-1]
     job = render_job(TrainingTarget("bot", "team-a", "uid-1", spec, naming.revision(spec), "trainer:test"))
     containers = [
@@ -152,25 +151,22 @@ def test_the_operators_own_references_still_expand() -> None:
     assert kubelet_expand(command[1], {"NNODES": "2"}) == "--nnodes=2"
 
 
-def serving_target(spec: FineTuneJobSpec, **changes) -> ServingTarget:
-    fields = dict(
-        name="bot",
-        namespace="team-a",
-        uid="uid-1",
-        spec=spec,
-        model_uri="s3://models/out/bot/rev/",
-        model_revision="rev",
-        model_name="bot",
-        image="trainer:test",
-        vllm_image="vllm:test",
-        progress_deadline_seconds=900,
+def serving_of(
+    spec: FineTuneJobSpec, model_uri: str = "s3://models/out/bot/rev/", policy: Policy | None = None
+) -> ServingTarget:
+    """The serving target the operator builds for a published model of FineTuneJob team-a/bot."""
+    metadata = {"name": "bot", "namespace": "team-a", "uid": "uid-1"}
+    model = {"uri": model_uri, "name": "bot"}
+    return serving_target(
+        metadata, spec, model, "rev", OperatorSettings(trainer_image="trainer:test"), policy or Policy()
     )
-    return ServingTarget(**{**fields, **changes})
 
 
 def test_the_endpoint_answers_its_namespace_and_the_namespaces_named() -> None:
     spec = spec_of(serving={"clientNamespaceLabels": {"team": "a"}})
-    target = serving_target(spec, platform_client_namespace_labels={"tunery.dev/gateway": "true"})
+    target = serving_of(
+        spec, policy=Policy.model_validate({"servingClientNamespaceLabels": {"tunery.dev/gateway": "true"}})
+    )
     policy, service, _ = render_serving_children(target)
     assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
     api, metrics = policy["spec"]["ingress"]
@@ -182,25 +178,25 @@ def test_the_endpoint_answers_its_namespace_and_the_namespaces_named() -> None:
     assert api["ports"] == [{"protocol": "TCP", "port": contract.SERVING_PORT}]
     assert metrics["ports"] == [{"protocol": "TCP", "port": contract.SERVING_METRICS_PORT}]
     assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
-    only_own = render_serving_children(serving_target(spec_of()))[0]
+    only_own = render_serving_children(serving_of(spec_of()))[0]
     assert only_own["spec"]["ingress"][0]["from"] == [{"podSelector": {}}]
 
 
 @pytest.mark.parametrize(("runtime", "variable"), [("builtin", "TUNERY_API_KEY"), ("vllm", "VLLM_API_KEY")])
 def test_the_api_key_comes_from_the_named_secret(runtime: str, variable: str) -> None:
     serving = {"runtime": runtime, "apiKeySecret": "bot-keys", "resources": {"gpus": 1}}
-    deployment = render_serving_children(serving_target(spec_of(serving=serving)))[-1]
+    deployment = render_serving_children(serving_of(spec_of(serving=serving)))[-1]
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     (key,) = [item for item in server["env"] if item["name"] == variable]
     assert key["valueFrom"] == {"secretKeyRef": {"name": "bot-keys", "key": "api-key"}}
-    service = render_serving_children(serving_target(spec_of(serving=serving)))[1]
+    service = render_serving_children(serving_of(spec_of(serving=serving)))[1]
     assert [port["name"] for port in service["spec"]["ports"]] == ["http"]
 
 
 def test_every_scratch_volume_and_container_has_a_disk_bound() -> None:
     spec = spec_of()
     job = render_job(TrainingTarget("bot", "team-a", "uid-1", spec, naming.revision(spec), "trainer:test"))
-    deployment = render_serving_children(serving_target(spec))[-1]
+    deployment = render_serving_children(serving_of(spec))[-1]
     for pod in (job["spec"]["template"]["spec"], deployment["spec"]["template"]["spec"]):
         for volume in pod["volumes"]:
             if "emptyDir" in volume:

@@ -150,14 +150,19 @@ class Reconciler:
         storage settings changed is replaced while unfinished (the new pods resume from its checkpoints; None while
         the old pods go), any other (an older operator, another trainer image) keeps its template and only has
         spec.suspend brought in line."""
-        if child["kind"] != "Job" or existing_job is None or not owned_by(existing_job, target.uid):
+        if child["kind"] != "Job":
             return await self._api.apply_owned(child)
+        # The Job was read already: its ownership is checked here rather than read again.
+        if existing_job is None:
+            return await self._api.apply(child)
+        if not owned_by(existing_job, target.uid):
+            raise NotOwned("Job", target.namespace, target.job_name)
         if existing_job["metadata"].get("deletionTimestamp"):
             return None
         have = existing_job["metadata"].get("annotations") or {}
         want = child["metadata"]["annotations"]
         if have.get(naming.TEMPLATE_HASH_ANNOTATION) == want[naming.TEMPLATE_HASH_ANNOTATION]:
-            return await self._api.apply_owned(child)
+            return await self._api.apply(child)
         storage_changed = have.get(naming.STORAGE_HASH_ANNOTATION) not in (None, want[naming.STORAGE_HASH_ANNOTATION])
         if storage_changed and decisions.finished_condition(existing_job) is None:
             logger.info("replacing Job %s: spec.storage changed; it resumes from its checkpoints", target.job_name)

@@ -136,15 +136,16 @@ def render_deployment(target: ServingTarget) -> dict[str, Any]:
     serving = target.spec.serving
     labels = {**naming.labels(target.name, None, "serving"), naming.MODEL_REVISION_LABEL: target.model_revision}
     disk = serving.resources.ephemeral_storage
+    claims = _fetch_claims(target)
     pod_spec: dict[str, Any] = {
         "securityContext": restricted_pod_security(),
-        "initContainers": [_fetch_container(target)],
+        "initContainers": [_fetch_container(target, claims)],
         "containers": [_vllm_container(target) if serving.runtime == "vllm" else _builtin_container(target)],
         "volumes": [
             {"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": disk}},
             {"name": "tmp", "emptyDir": {"sizeLimit": disk}},
             {"name": "cache", "emptyDir": {"sizeLimit": disk}},
-            *_fetch_claims(target).volumes,
+            *claims.volumes,
         ],
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
@@ -177,7 +178,7 @@ def _fetch_claims(target: ServingTarget) -> ClaimMounts:
     return claim_mounts([target.model_uri, target.spec.base_model.uri])
 
 
-def _fetch_container(target: ServingTarget) -> dict[str, Any]:
+def _fetch_container(target: ServingTarget, claims: ClaimMounts) -> dict[str, Any]:
     command = [
         "tunery-trainer",
         "fetch",
@@ -194,7 +195,7 @@ def _fetch_container(target: ServingTarget) -> dict[str, Any]:
         "volumeMounts": [
             {"name": MODEL_VOLUME, "mountPath": MODEL_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},
-            *_fetch_claims(target).mounts,
+            *claims.mounts,
         ],
         "resources": {
             "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": disk},
