@@ -17,6 +17,7 @@ from server_fixtures import (
     TUNERY,
     Server,
     chat_model,
+    ready_servers,
     sentence_classifier,
     server_environment,
     wait_until,
@@ -54,13 +55,8 @@ def servers(published: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         "warmth": Server.start(published["warmth"], logs / "warmth.log", "--max-request-bytes", "65536"),
         "tagger": Server.start(published["tagger"], logs / "tagger.log", "--name", "tagger"),
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with ready_servers(started) as ready:
+        yield ready
 
 
 @pytest.fixture(scope="module")

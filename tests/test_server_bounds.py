@@ -6,7 +6,14 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
-from server_fixtures import Server, free_port, untrained_chat_decoder, untrained_classifier, wait_until
+from server_fixtures import (
+    Server,
+    free_port,
+    ready_servers,
+    untrained_chat_decoder,
+    untrained_classifier,
+    wait_until,
+)
 from tunery_server.app import create_app
 from tunery_server.settings import ServerSettings
 
@@ -21,13 +28,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         "chat": Server.start(untrained_chat_decoder(root / "chat"), root / "chat.log"),
         "warmth": Server.start(untrained_classifier(root / "warmth"), root / "warmth.log"),
     }
-    try:
-        for server in started.values():
-            server.wait_ready()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    with ready_servers(started) as ready:
+        yield ready
 
 
 def post_raw(server: Server, path: str, body: str) -> httpx.Response:
