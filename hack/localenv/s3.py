@@ -30,6 +30,7 @@ def up(state_dir: Path, log=print) -> dict[str, str]:
         return json.loads(settings_file.read_text())
     (s3_dir / "data").mkdir(parents=True, exist_ok=True)
     access_key, secret_key = "tunery" + secrets.token_hex(4), secrets.token_hex(20)
+    reader_access_key, reader_secret_key = "reader" + secrets.token_hex(4), secrets.token_hex(20)
     (s3_dir / "identities.json").write_text(
         json.dumps(
             {
@@ -38,7 +39,13 @@ def up(state_dir: Path, log=print) -> dict[str, str]:
                         "name": "tunery",
                         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        # Read and list only: tests of what a client without write permission sees.
+                        "name": "tunery-reader",
+                        "credentials": [{"accessKey": reader_access_key, "secretKey": reader_secret_key}],
+                        "actions": ["Read", "List"],
+                    },
                 ]
             }
         )
@@ -82,6 +89,8 @@ def up(state_dir: Path, log=print) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": access_key,
         "AWS_SECRET_ACCESS_KEY": secret_key,
         "AWS_REGION": REGION,
+        "TUNERY_S3_READER_ACCESS_KEY_ID": reader_access_key,
+        "TUNERY_S3_READER_SECRET_ACCESS_KEY": reader_secret_key,
     }
     settings_file.write_text(json.dumps(settings, indent=2))
     return settings
