@@ -165,6 +165,16 @@ def test_storage_settings_keep_the_revision_but_not_a_legacy_one() -> None:
     assert naming.revision(moved, running="cd266867") != "cd266867"
 
 
+def test_a_storage_field_added_later_keeps_every_hash_while_it_holds_its_default() -> None:
+    """spec.storage.retryTimeoutSeconds came after Jobs were annotated: an upgrade must not replace them."""
+    spec = target_for("lora-sft-chat.yaml").spec
+    assert naming.storage_hash(spec) == "4c32828bfa5380f0"
+    assert naming.revision(spec, running="cd266867") == "cd266867"
+    patient = spec.model_copy(update={"storage": spec.storage.model_copy(update={"retry_timeout_seconds": 1800})})
+    assert naming.storage_hash(patient) != naming.storage_hash(spec)
+    assert naming.revision(patient) == naming.revision(spec)
+
+
 def test_adopting_another_jobs_checkpoints_keeps_the_revision() -> None:
     spec = target_for("lora-sft-chat.yaml").spec
     adopting = spec.model_copy(

@@ -375,7 +375,7 @@ def test_the_init_container_fetches_from_s3_and_the_server_serves_what_it_fetche
     assert result.returncode == 0, result.stderr
     assert (fetched / MANIFEST_NAME).is_file() and (fetched / "adapter").is_dir() and (fetched / "base").is_dir()
     missing = subprocess.run(
-        [trainer, "fetch", "--uri=s3://init-models/nothing/", f"--dest={tmp_path / 'none'}", "--attempts=1"],
+        [trainer, "fetch", "--uri=s3://init-models/nothing/", f"--dest={tmp_path / 'none'}", "--retry-seconds=0"],
         capture_output=True,
         text=True,
         env={**env, "TUNERY_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination.json")},

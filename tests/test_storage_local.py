@@ -120,7 +120,10 @@ def test_an_s3_key_that_climbs_out_of_the_prefix_is_refused(tmp_path: Path, name
 
     storage = Storage(S3Settings(endpoint="http://127.0.0.1:9"))
     with Stubber(storage.client) as stub:
-        listing = {"Contents": [{"Key": f"models/{name}"}, {"Key": "models/ok.txt"}], "KeyCount": 2}
+        listing = {
+            "Contents": [{"Key": f"models/{name}", "Size": 1}, {"Key": "models/ok.txt", "Size": 1}],
+            "KeyCount": 2,
+        }
         stub.add_response("list_objects_v2", listing, {"Bucket": "bucket", "Prefix": "models/"})
         with pytest.raises(StorageError, match="outside") as refused:
             storage.fetch("s3://bucket/models/", tmp_path / "a" / "b" / "fetched")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunery_trainer import disk
 from tunery_trainer.storage import Storage, StorageError
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,12 @@ def save(
     """Publish one checkpoint (manifest last), then drop all but the `keep` newest complete ones."""
     local = workdir / "checkpoint"
     shutil.rmtree(local, ignore_errors=True)
-    local.mkdir(parents=True)
-    save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in trainable.items()}, local / WEIGHTS)
-    torch.save(training_state, local / TRAINING_STATE)
-    (local / STATE).write_text(json.dumps(asdict(progress)))
     uri = checkpoint_uri + checkpoint_name(progress.step)
+    with disk.writing(local, f"checkpoint {uri}", _tensor_bytes(trainable) + _tensor_bytes(training_state)):
+        local.mkdir(parents=True)
+        save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in trainable.items()}, local / WEIGHTS)
+        torch.save(training_state, local / TRAINING_STATE)
+        (local / STATE).write_text(json.dumps(asdict(progress)))
     storage.publish(local, uri, {"step": progress.step, "configHash": progress.config_hash, UID_KEY: owner.uid})
     shutil.rmtree(local)
     # Only checkpoints this run may resume are pruned: another FineTuneJob's are not its to delete.
@@ -81,6 +83,17 @@ def save(
     for stale in complete[keep:]:
         storage.delete(stale)
     return uri
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes the tensors in a (nested) state hold: what writing it needs on disk, near enough."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
 
 
 def latest(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner) -> str | None:

@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -15,9 +14,9 @@ from pydantic import ValidationError
 from tunery.api import contract
 from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import failures, redaction
-from tunery_trainer.data import DataError, prepare
-from tunery_trainer.failures import UnsupportedError
-from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage, StorageError
+from tunery_trainer.data import prepare
+from tunery_trainer.failures import Failure
+from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tunery's trainer (the container entrypoint).")
 
@@ -72,8 +71,8 @@ def train(
     scratch = workdir or Path(tempfile.gettempdir()) / f"tunery-{trainer_config.revision}"
     try:
         outcome = run(trainer_config, scratch, metrics, status, log_every)
-    except (DataError, StorageError, UnsupportedError) as error:
-        _fail(error.reason, error.message, failures.exit_code(error))
+    except Exception as error:  # noqa: BLE001 - every failure ends with a reason; see failures.classify
+        _fail(failures.classify(error, scratch))
     if main_process:
         typer.echo(json.dumps({"model": outcome.output_uri, "step": outcome.progress.step}))
 
@@ -86,19 +85,23 @@ def fetch(
         bool,
         typer.Option("--with-base", help="Also fetch the base model (into DEST/base) when no merged model exists."),
     ] = False,
-    attempts: Annotated[int, typer.Option("--attempts", min=1, help="Tries when the storage cannot be reached.")] = 5,
     addressing: Annotated[str, typer.Option("--addressing", help="S3 addressing: auto, path or virtual.")] = "auto",
+    retry_seconds: Annotated[
+        int, typer.Option("--retry-seconds", min=0, help="How long each operation retries a failing store.")
+    ] = contract.STORAGE_RETRY_SECONDS,
 ) -> None:
     """Fetch a published model, verified against its manifest (the serving init container).
 
     A model published as an adapter alone (prompt or prefix tuning, or mergeAdapter false) also gets its base
     model, into DEST/base: the server container has no storage credentials of its own.
     """
-    settings = S3Settings(os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_REGION", "us-east-1"), addressing)
+    settings = S3Settings(
+        os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_REGION", "us-east-1"), addressing, retry_seconds
+    )
     try:
-        manifest = _with_retries(lambda: _fetch_model(Storage(settings), uri, dest), attempts)
-    except StorageError as error:
-        _fail(error.reason, error.message, failures.exit_code(error))
+        manifest = _fetch_model(Storage(settings), uri, dest)
+    except Exception as error:  # noqa: BLE001 - every failure ends with a reason; see failures.classify
+        _fail(failures.classify(error, dest))
     typer.echo(json.dumps({"model": uri, "files": len(manifest["files"]), "dest": str(dest)}))
 
 
@@ -111,27 +114,15 @@ def _fetch_model(storage: Storage, uri: str, dest: Path) -> dict:
     return manifest
 
 
-def _with_retries(action, attempts: int):
-    """Unreachable storage is often a moment's trouble (DNS, a restarting MinIO); every other error is final."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except StorageError as error:
-            if error.reason != "StorageUnreachable" or attempt == attempts:
-                raise
-            typer.echo(f"{error.message}; retrying in {2**attempt}s", err=True)
-            time.sleep(2**attempt)
-
-
 @app.command()
 def check(config: ConfigOption, workdir: WorkdirOption = None) -> None:
     """Fetch the dataset and check it before any model is loaded; print what would be trained on."""
+    trainer_config = _load(config)
     try:
-        trainer_config = _load(config)
         with tempfile.TemporaryDirectory(prefix="tunery-") as scratch:
             report = _check_data(trainer_config, workdir or Path(scratch))
-    except (DataError, StorageError) as error:
-        _fail(error.reason, error.message, failures.exit_code(error))
+    except Exception as error:  # noqa: BLE001 - every failure ends with a reason; see failures.classify
+        _fail(failures.classify(error, workdir))
     # The report quotes the data (labels, problems), which may hold the environment's credentials.
     typer.echo(json.dumps(redaction.redact_all(report), indent=2))
 
@@ -140,15 +131,15 @@ def _load(path: Path) -> TrainerConfig:
     try:
         return TrainerConfig.model_validate_json(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        _fail("InvalidConfig", f"{path}: cannot read the trainer config: {exc}", contract.EXIT_INVALID_CONFIG)
+        _fail(Failure("InvalidConfig", f"{path}: cannot read the trainer config: {exc}", contract.EXIT_INVALID_CONFIG))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
-        _fail("InvalidConfig", f"{path}: {problems}", contract.EXIT_INVALID_CONFIG)
+        _fail(Failure("InvalidConfig", f"{path}: {problems}", contract.EXIT_INVALID_CONFIG))
 
 
 def _check_data(config: TrainerConfig, workdir: Path) -> dict:
     spec = config.spec
-    storage = Storage(S3Settings(spec.storage.endpoint, spec.storage.region, spec.storage.addressing))
+    storage = Storage(S3Settings.from_spec(spec.storage))
     train_files = storage.fetch(spec.dataset.train, workdir / "data" / "train")
     validation_files = (
         storage.fetch(spec.dataset.validation, workdir / "data" / "validation") if spec.dataset.validation else []
@@ -168,7 +159,10 @@ def _check_data(config: TrainerConfig, workdir: Path) -> dict:
     }
 
 
-def _fail(reason: str, message: str, code: int) -> None:
-    failures.write_termination_message(reason, message)
-    typer.echo(redaction.redact(f"{reason}: {message}"), err=True)
-    raise typer.Exit(code)
+def _fail(failure: Failure) -> None:
+    if not failure.classified:
+        # Through the redacting log handler: the traceback may quote the environment.
+        logging.getLogger("tunery_trainer").error("unexpected failure", exc_info=True)
+    failures.write_termination_message(failure.reason, failure.message)
+    typer.echo(redaction.redact(f"{failure.reason}: {failure.message}"), err=True)
+    raise typer.Exit(failure.exit_code)

@@ -64,7 +64,7 @@ def run(
     """Train the configured revision, resuming from its latest complete checkpoint, and publish the model."""
     spec = config.spec
     distributed = start_distributed()
-    storage = Storage(S3Settings(spec.storage.endpoint, spec.storage.region, spec.storage.addressing))
+    storage = Storage(S3Settings.from_spec(spec.storage))
     fetch_started = time.perf_counter()
     prepared = _fetch_and_prepare(config, storage, workdir)
     model_dir, tokenizer_dir = _fetch_model(spec, storage, workdir)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tunery.api.trainer_config import TrainerConfig
+from tunery_trainer import disk
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.model_card import write_model_card
 from tunery_trainer.modeling import ADAPTER_METHODS, MERGEABLE_METHODS, auto_class, label_arguments
@@ -31,6 +32,31 @@ def publish_model(
     local = workdir / "publish"
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
+    # The weights in memory: about what their files take (a merged copy beside an adapter takes as much again).
+    needed = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    with disk.writing(local, f"the model for {config.output_uri}", needed):
+        layout = _lay_out(config, model, tokenizer, base_model_dir, progress, data_stats, label_names, local)
+    manifest = storage.publish(
+        local,
+        config.output_uri,
+        {"revision": config.revision, "name": spec.output.name or config.finetune_job.name, **layout},
+    )
+    shutil.rmtree(local)
+    return manifest
+
+
+def _lay_out(
+    config: TrainerConfig,
+    model: Any,
+    tokenizer: Any,
+    base_model_dir: Path | None,
+    progress: Progress,
+    data_stats: dict[str, Any],
+    label_names: list[str],
+    local: Path,
+) -> dict[str, Any]:
+    """Write the model's directory under `local`; return the manifest's description of it."""
+    spec = config.spec
     method = spec.method.type
     layout = {"task": spec.task, "method": method, "labels": label_names, "baseModel": spec.base_model.uri}
     if method in ADAPTER_METHODS:
@@ -68,13 +94,7 @@ def publish_model(
         base_model=spec.base_model.uri or f"{spec.base_model.architecture} (from scratch)",
         revision=config.revision,
     )
-    manifest = storage.publish(
-        local,
-        config.output_uri,
-        {"revision": config.revision, "name": spec.output.name or config.finetune_job.name, **layout},
-    )
-    shutil.rmtree(local)
-    return manifest
+    return layout
 
 
 def _merged(config: TrainerConfig, adapter_dir: Path, base_model_dir: Path, label_names: list[str]) -> Any:

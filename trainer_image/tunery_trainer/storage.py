@@ -2,24 +2,41 @@
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from tunery.api import contract
+from tunery.api.spec import Storage as StorageSpec
+from tunery_trainer import disk
 from tunery_trainer.redaction import redact
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "tunery-manifest.json"
 _MIB = 1024 * 1024
+# A store that cannot be reached or answers 5xx may be back in a moment: these are retried, then the Job retries.
+RETRYABLE_REASONS = ("StorageUnreachable", "StorageUnavailable")
+_FIRST_RETRY_DELAY = 1.0
+_MAX_RETRY_DELAY = 60.0
+_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden")
+_MISSING_CODES = ("NoSuchBucket", "NoSuchKey", "404", "NotFound")
+_THROTTLING_CODES = ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable")
+
+T = TypeVar("T")
 
 
 class StorageError(Exception):
@@ -86,13 +103,19 @@ class S3Settings:
     endpoint: str | None = None
     region: str = "us-east-1"
     addressing: str = "auto"
+    retry_seconds: float = contract.STORAGE_RETRY_SECONDS
+    """How long one operation retries an unreachable or failing store before it fails (spec.storage.retryTimeoutSeconds)."""
+
+    @classmethod
+    def from_spec(cls, storage: StorageSpec) -> "S3Settings":
+        return cls(storage.endpoint, storage.region, storage.addressing, storage.retry_timeout_seconds)
 
 
 _TRANSFER = TransferConfig(multipart_threshold=64 * _MIB, multipart_chunksize=64 * _MIB, max_concurrency=8)
 
 
 class Storage:
-    """Fetch and publish through boto3's transfer manager (multipart, parallel, retried with backoff)."""
+    """Fetch and publish through boto3's transfer manager (multipart, parallel), each operation retried with backoff."""
 
     def __init__(self, settings: S3Settings) -> None:
         self.settings = settings
@@ -100,7 +123,8 @@ class Storage:
         self.bytes_uploaded = 0
         config = Config(
             region_name=settings.region,
-            retries={"mode": "standard", "max_attempts": 5},
+            # botocore's own retries ride out a blip; longer outages are retried by _call, for retry_seconds.
+            retries={"mode": "standard", "max_attempts": 3},
             s3={"addressing_style": settings.addressing},
         )
         # A session of its own: boto3's default session caches the credentials it resolved first.
@@ -112,18 +136,17 @@ class Storage:
         destination.mkdir(parents=True, exist_ok=True)
         if location.local is not None:
             return self._fetch_local(location, destination)
-        with self._explained(location):
-            if not location.is_prefix:
-                name = Path(location.key).name
-                return [self._download(location.bucket, location.key, _inside(destination, name, uri))]
-            return [
-                self._download(
-                    location.bucket,
-                    key,
-                    _inside(destination, key[len(location.key) :], f"s3://{location.bucket}/{key}"),
-                )
-                for key in self._list(location)
+        if not location.is_prefix:
+            name = Path(location.key).name
+            size = self._call(uri, lambda: self.client.head_object(Bucket=location.bucket, Key=location.key))
+            objects = [(location.key, _inside(destination, name, uri), size["ContentLength"])]
+        else:
+            objects = [
+                (key, _inside(destination, key[len(location.key) :], f"s3://{location.bucket}/{key}"), size)
+                for key, size in self._list(location)
             ]
+        with disk.writing(destination, uri, sum(size for _, _, size in objects)):
+            return [self._download(location.bucket, key, target) for key, target, _ in objects]
 
     def fetch_published(self, uri: str, destination: Path) -> list[Path]:
         """Fetch a published directory's files and manifest, refusing a directory without one or a file that differs."""
@@ -136,7 +159,7 @@ class Storage:
             )
         location = Location.parse(prefix)
         files = []
-        with self._explained(location):
+        with disk.writing(destination, prefix, sum(entry.get("size", 0) for entry in manifest["files"])):
             for entry in manifest["files"]:
                 target = _inside(destination, entry["path"], prefix + entry["path"])
                 if location.local is not None:
@@ -154,8 +177,8 @@ class Storage:
                         "ModelIncomplete", f"{prefix}{entry['path']} is missing or differs from the manifest"
                     )
                 files.append(target)
-        # The copy describes itself like the original (what it holds, its task and labels).
-        (destination / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+            # The copy describes itself like the original (what it holds, its task and labels).
+            (destination / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
         return files
 
     def children(self, uri: str) -> list[str]:
@@ -165,11 +188,13 @@ class Storage:
             if not location.local.is_dir():
                 return []
             return sorted(f"{location.uri}{path.name}/" for path in location.local.iterdir() if path.is_dir())
-        with self._explained(location):
+
+        def listing() -> list[str]:
             paginator = self.client.get_paginator("list_objects_v2")
             pages = paginator.paginate(Bucket=location.bucket, Prefix=location.key, Delimiter="/")
-            keys = [common["Prefix"] for page in pages for common in page.get("CommonPrefixes", [])]
-        return sorted(f"s3://{location.bucket}/{key}" for key in keys)
+            return [common["Prefix"] for page in pages for common in page.get("CommonPrefixes", [])]
+
+        return sorted(f"s3://{location.bucket}/{key}" for key in self._call(location.uri, listing))
 
     def delete(self, uri: str) -> None:
         """Remove a published directory, its manifest first so that it never looks complete while half deleted."""
@@ -178,21 +203,28 @@ class Storage:
             (location.local / MANIFEST_NAME).unlink(missing_ok=True)
             shutil.rmtree(location.local, ignore_errors=True)
             return
-        with self._explained(location):
-            self.client.delete_object(Bucket=location.bucket, Key=location.key + MANIFEST_NAME)
+
+        def delete_all() -> None:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
                 objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if objects:
                     self.client.delete_objects(Bucket=location.bucket, Delete={"Objects": objects, "Quiet": True})
 
+        manifest_key = location.key + MANIFEST_NAME
+        self._call(
+            location.uri + MANIFEST_NAME, lambda: self.client.delete_object(Bucket=location.bucket, Key=manifest_key)
+        )
+        self._call(location.uri, delete_all)
+
     def holds_files(self, uri: str) -> bool:
         """Whether anything but directory markers is stored under a prefix (deleting leaves empty ones on some stores)."""
         location = Location.parse(_as_prefix(uri))
         if location.local is not None:
             return location.local.is_dir() and any(path.is_file() for path in location.local.rglob("*"))
-        with self._explained(location):
-            listed = self.client.list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=10)
+        listed = self._call(
+            location.uri, lambda: self.client.list_objects_v2(Bucket=location.bucket, Prefix=location.key, MaxKeys=10)
+        )
         return any(not item["Key"].endswith("/") for item in listed.get("Contents", []))
 
     def read_manifest(self, uri: str) -> dict[str, Any] | None:
@@ -201,12 +233,15 @@ class Storage:
         if location.local is not None:
             path = location.local / MANIFEST_NAME
             return json.loads(path.read_text()) if path.is_file() else None
-        with self._explained(location):
+
+        def read() -> dict[str, Any] | None:
             try:
                 body = self.client.get_object(Bucket=location.bucket, Key=location.key + MANIFEST_NAME)["Body"]
             except self.client.exceptions.NoSuchKey:
                 return None
             return json.loads(body.read())
+
+        return self._call(location.uri + MANIFEST_NAME, read)
 
     def publish(self, source: Path, uri: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Upload every file under `source` below the prefix `uri`, then the manifest: present only when all is there."""
@@ -220,54 +255,67 @@ class Storage:
             **(metadata or {}),
         }
         if location.local is not None:
-            for path in files:
-                target = location.local / path.relative_to(source)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-            staging = location.local / (MANIFEST_NAME + ".partial")
-            staging.write_text(json.dumps(manifest, indent=2))
-            staging.replace(location.local / MANIFEST_NAME)
+            with disk.writing(location.local, location.uri, sum(entry["size"] for entry in manifest["files"])):
+                for path in files:
+                    target = location.local / path.relative_to(source)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                staging = location.local / (MANIFEST_NAME + ".partial")
+                staging.write_text(json.dumps(manifest, indent=2))
+                staging.replace(location.local / MANIFEST_NAME)
             return manifest
-        with self._explained(location):
-            for path in files:
-                key = location.key + str(path.relative_to(source))
-                self.client.upload_file(str(path), location.bucket, key, Config=_TRANSFER)
-                self.bytes_uploaded += path.stat().st_size
-            self.client.put_object(
-                Bucket=location.bucket, Key=location.key + MANIFEST_NAME, Body=json.dumps(manifest, indent=2).encode()
+        for path in files:
+            key = location.key + str(path.relative_to(source))
+            self._call(
+                f"s3://{location.bucket}/{key}",
+                lambda path=path, key=key: self.client.upload_file(str(path), location.bucket, key, Config=_TRANSFER),
             )
+            self.bytes_uploaded += path.stat().st_size
+        body = json.dumps(manifest, indent=2).encode()
+        self._call(
+            location.uri + MANIFEST_NAME,
+            lambda: self.client.put_object(Bucket=location.bucket, Key=location.key + MANIFEST_NAME, Body=body),
+        )
         return manifest
 
     def _download(self, bucket: str | None, key: str, target: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.client.download_file(bucket, key, str(target), Config=_TRANSFER)
+        self._call(
+            f"s3://{bucket}/{key}", lambda: self.client.download_file(bucket, key, str(target), Config=_TRANSFER)
+        )
         self.bytes_downloaded += target.stat().st_size
         return target
 
-    def _list(self, location: Location) -> list[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        keys = [
-            item["Key"]
-            for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key)
-            for item in page.get("Contents", [])
-            if not item["Key"].endswith("/")
-        ]
-        if not keys:
+    def _list(self, location: Location) -> list[tuple[str, int]]:
+        """The keys (and sizes) of the files under a prefix, sorted."""
+
+        def listing() -> list[tuple[str, int]]:
+            paginator = self.client.get_paginator("list_objects_v2")
+            return [
+                (item["Key"], item["Size"])
+                for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key)
+                for item in page.get("Contents", [])
+                if not item["Key"].endswith("/")
+            ]
+
+        objects = self._call(location.uri, listing)
+        if not objects:
             raise StorageError("ObjectMissing", f"{location.uri}: nothing is stored under this prefix; check the URI")
-        return sorted(keys)
+        return sorted(objects)
 
     def _fetch_local(self, location: Location, destination: Path) -> list[Path]:
         source = location.local
         assert source is not None
         if source.is_file():
             target = destination / source.name
-            shutil.copyfile(source, target)
+            with disk.writing(destination, location.uri, source.stat().st_size):
+                shutil.copyfile(source, target)
             return [target]
         if not source.is_dir() or not any(source.iterdir()):
             raise StorageError("ObjectMissing", f"{location.uri}: no such file or directory, or it is empty")
-        files = []
         root = source.resolve()
-        for path in sorted(source.rglob("*")):
+        paths = sorted(source.rglob("*"))
+        for path in paths:
             if path.is_symlink() and not path.resolve().is_relative_to(root):
                 # On a pvc:// claim the tenant places links: one to the pod's token or another mount would copy it.
                 raise StorageError(
@@ -275,44 +323,100 @@ class Storage:
                     f"{location.uri}: {path.relative_to(source)} is a link to outside the directory: refusing to "
                     "follow it; put the file itself there",
                 )
-            if path.is_file():
+        files = [path for path in paths if path.is_file()]
+        targets = []
+        with disk.writing(destination, location.uri, sum(path.stat().st_size for path in files)):
+            for path in files:
                 target = destination / path.relative_to(source)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
-                files.append(target)
-        return files
+                targets.append(target)
+        return targets
+
+    def _call(self, uri: str, operation: Callable[[], T]) -> T:
+        """One S3 operation on `uri`, its errors explained; an unreachable or failing store is retried with
+        exponential backoff for settings.retry_seconds."""
+        started, delay, retried = time.monotonic(), _FIRST_RETRY_DELAY, False
+        while True:
+            try:
+                with self._explained(uri):
+                    return operation()
+            except StorageError as error:
+                waited = time.monotonic() - started
+                if error.reason not in RETRYABLE_REASONS:
+                    raise
+                if waited + delay > self.settings.retry_seconds:
+                    if not retried:
+                        raise
+                    raise StorageError(
+                        error.reason,
+                        f"{error.message}; still failing after {waited:.0f} s of retries: raise "
+                        "spec.storage.retryTimeoutSeconds to wait out longer outages",
+                    ) from error
+                logger.warning("%s; retrying in %.0f s", error.message, delay)
+                time.sleep(delay)
+                delay, retried = min(delay * 2, _MAX_RETRY_DELAY), True
 
     @contextmanager
-    def _explained(self, location: Location) -> Iterator[None]:
-        """Turn botocore errors into StorageErrors that name the URI, what went wrong and the fix."""
-        uri, endpoint = location.uri, self.settings.endpoint or "AWS S3"
+    def _explained(self, uri: str) -> Iterator[None]:
+        """Turn botocore errors into StorageErrors that name the URI, the operation, what went wrong and the fix."""
         try:
             yield
-        except NoCredentialsError as error:
-            raise StorageError(
+        except (
+            ClientError,
+            S3UploadFailedError,
+            RetriesExceededError,
+            NoCredentialsError,
+            BotoConnectionError,
+            HTTPClientError,
+        ) as error:
+            explained = self._explanation(uri, error)
+            if explained is error:
+                raise
+            raise explained from error
+
+    def _explanation(self, uri: str, error: Exception) -> StorageError | Exception:
+        """The StorageError an S3 failure means, or the error itself when it means none we know."""
+        endpoint = self.settings.endpoint or "AWS S3"
+        # boto3 raises the transfer manager's ClientError and network errors wrapped; the cause says what happened.
+        if isinstance(error, S3UploadFailedError) and isinstance(error.__context__, ClientError | HTTPClientError):
+            error = error.__context__
+        if isinstance(error, RetriesExceededError) and isinstance(error.last_exception, Exception):
+            error = error.last_exception
+        if isinstance(error, NoCredentialsError):
+            return StorageError(
                 "StorageCredentials",
                 f"{uri}: no S3 credentials: set spec.storage.credentialsSecret, or give the pod an identity (IRSA)",
-            ) from error
-        except EndpointConnectionError as error:
-            raise StorageError(
-                "StorageUnreachable", f"{uri}: cannot reach {endpoint}: check spec.storage.endpoint"
-            ) from error
-        except ClientError as error:
-            code = error.response.get("Error", {}).get("Code", "")
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
-                raise StorageError(
-                    "StorageCredentials",
-                    f"{uri}: {endpoint} refused the credentials ({code}): check the keys in the Secret named by "
-                    "spec.storage.credentialsSecret, and that they may read and write this bucket",
-                ) from error
-            if code in ("NoSuchBucket", "NoSuchKey", "404", "NotFound"):
-                if code == "NoSuchBucket" or not self._bucket_exists(location.bucket):
-                    raise StorageError(
-                        "BucketMissing",
-                        f"{uri}: bucket {location.bucket} does not exist at {endpoint}: create it or fix the URI",
-                    ) from error
-                raise StorageError("ObjectMissing", f"{uri}: no such object; check the URI") from error
-            raise
+            )
+        if isinstance(error, BotoConnectionError | HTTPClientError):
+            return StorageError(
+                "StorageUnreachable",
+                f"{uri}: cannot reach {endpoint} ({type(error).__name__}): check spec.storage.endpoint",
+            )
+        if not isinstance(error, ClientError):
+            return error
+        code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        operation = error.operation_name
+        if status >= 500 or code in _THROTTLING_CODES:
+            return StorageError(
+                "StorageUnavailable",
+                f"{uri}: {endpoint} answered {operation} with HTTP {status} {code}: the store is failing or overloaded",
+            )
+        if code in _CREDENTIAL_CODES:
+            return StorageError(
+                "StorageCredentials",
+                f"{uri}: {endpoint} refused {operation} ({code}): check that the keys in the Secret named by "
+                "spec.storage.credentialsSecret are current and may read and write this bucket",
+            )
+        if code in _MISSING_CODES:
+            bucket = Location.parse(uri).bucket
+            if code == "NoSuchBucket" or not self._bucket_exists(bucket):
+                return StorageError(
+                    "BucketMissing", f"{uri}: bucket {bucket} does not exist at {endpoint}: create it or fix the URI"
+                )
+            return StorageError("ObjectMissing", f"{uri}: no such object; check the URI")
+        return error
 
     def _bucket_exists(self, bucket: str | None) -> bool:
         """A missing object and a missing bucket both answer a HEAD with a bare 404; ask about the bucket."""

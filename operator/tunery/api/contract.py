@@ -25,4 +25,17 @@ EXIT_INVALID_CONFIG = 64
 EXIT_DATA_ERROR = 65
 EXIT_STORAGE_ERROR = 66
 EXIT_UNSUPPORTED = 67
-FINAL_EXIT_CODES = (EXIT_INVALID_CONFIG, EXIT_DATA_ERROR, EXIT_STORAGE_ERROR, EXIT_UNSUPPORTED)
+EXIT_OUT_OF_DISK = 68
+EXIT_OUT_OF_MEMORY = 69
+FINAL_EXIT_CODES = (
+    EXIT_INVALID_CONFIG,
+    EXIT_DATA_ERROR,
+    EXIT_STORAGE_ERROR,
+    EXIT_UNSUPPORTED,
+    EXIT_OUT_OF_DISK,
+    EXIT_OUT_OF_MEMORY,
+)
+# What the trainer exits with when a retry may help: an unreachable or failing store, or an unclassified crash.
+EXIT_RETRYABLE = 1
+# How long the trainer's storage operations retry an unreachable or failing store unless the spec says otherwise.
+STORAGE_RETRY_SECONDS = 300

@@ -4,6 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from tunery.api import contract
 from tunery.api.base import ApiModel
 from tunery.api.fields import (
     HttpUrl,
@@ -211,6 +212,8 @@ class Storage(ApiModel):
     """Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; empty means the pod's identity (IRSA, workload identity)."""
     addressing: Addressing = "auto"
     """Bucket addressing: path (endpoint/bucket/key, most self-hosted stores), virtual (bucket.endpoint/key) or auto."""
+    retry_timeout_seconds: int = Field(contract.STORAGE_RETRY_SECONDS, ge=0, le=86400)
+    """How long each storage operation retries an unreachable or failing store (connection errors, HTTP 5xx, throttling), with exponential backoff, before the pod fails and the Job retries it."""
 
 
 class Toleration(ApiModel):

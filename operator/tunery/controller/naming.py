@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 
+from tunery.api import contract
 from tunery.api.spec import FineTuneJobSpec
 
 FIELD_MANAGER = "tunery-operator"
@@ -33,6 +34,7 @@ _LEGACY_LENGTH = 8
 _ADDED_SINCE_FIRST_RELEASE = {
     ("resources", "strategy"): "ddp",
     ("resources", "ephemeral_storage"): "100Gi",
+    ("storage", "retry_timeout_seconds"): contract.STORAGE_RETRY_SECONDS,
 }
 # Nested fields that do not change what is trained: whose checkpoints a run may adopt must not move the run to a
 # new revision, whose empty checkpoint prefix would hold none of them.
@@ -54,19 +56,25 @@ def revision(spec: FineTuneJobSpec, running: str | None = None) -> str:
 
 def storage_hash(spec: FineTuneJobSpec) -> str:
     """A short hash of spec.storage, which reaches the training pods but not the revision."""
-    canonical = json.dumps(spec.storage.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    fields = _without_added_defaults({"storage": spec.storage.model_dump(mode="json")})["storage"]
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _digest(spec: FineTuneJobSpec, not_training: set[str]) -> bytes:
-    fields = spec.model_dump(mode="json", exclude=not_training)
-    for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
-        if fields[section][name] == unchanged:
-            del fields[section][name]
+    fields = _without_added_defaults(spec.model_dump(mode="json", exclude=not_training))
     for section, name in _NOT_TRAINING_NESTED:
         del fields[section][name]
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).digest()
+
+
+def _without_added_defaults(fields: dict) -> dict:
+    """The dumped spec (sections of it) without the fields added since the first release that hold their old value."""
+    for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
+        if section in fields and fields[section][name] == unchanged:
+            del fields[section][name]
+    return fields
 
 
 def job_name(finetunejob: str, revision_id: str) -> str:

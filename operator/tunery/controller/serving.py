@@ -186,6 +186,10 @@ def _fetch_container(target: ServingTarget, claims: ClaimMounts) -> dict[str, An
         f"--dest={MODEL_DIR}",
         f"--addressing={target.spec.storage.addressing}",
     ]
+    retry_seconds = target.spec.storage.retry_timeout_seconds
+    if retry_seconds != contract.STORAGE_RETRY_SECONDS:
+        # Only when set: Deployments rendered before the field existed keep their template (no rollout on upgrade).
+        command.append(f"--retry-seconds={retry_seconds}")
     disk = target.spec.serving.resources.ephemeral_storage
     return {
         "name": "fetch-model",
