@@ -399,9 +399,11 @@ class Storage:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         operation = error.operation_name
         if status >= 500 or code in _THROTTLING_CODES:
+            # A HEAD's error has no body: its code is the bare status.
+            answer = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
             return StorageError(
                 "StorageUnavailable",
-                f"{uri}: {endpoint} answered {operation} with HTTP {status} {code}: the store is failing or overloaded",
+                f"{uri}: {endpoint} answered {operation} with {answer}: the store is failing or overloaded",
             )
         if code in _CREDENTIAL_CODES:
             return StorageError(
