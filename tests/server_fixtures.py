@@ -144,13 +144,14 @@ def endless_decoder(root: Path) -> Path:
     return publish_untrained(root, {"name": "endless", "task": "causal-lm", "model": "model/"})
 
 
-def untrained_chat_decoder(root: Path) -> Path:
-    """A tiny random Llama with the ChatML template tunery trains with, published untrained."""
+def untrained_chat_decoder(root: Path, chat_template: str | None = None) -> Path:
+    """A tiny random Llama with a chat template (the ChatML one tunery trains with by default), published untrained."""
     from tunery_trainer.tokenization import DEFAULT_CHAT_TEMPLATE
 
     model = decoder(root / "layout" / "model")
     config = model / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": DEFAULT_CHAT_TEMPLATE}))
+    template = chat_template or DEFAULT_CHAT_TEMPLATE
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
     return publish_untrained(root, {"name": "untrained-chat", "task": "causal-lm", "model": "model/"})
 
 

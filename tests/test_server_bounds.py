@@ -17,6 +17,12 @@ from server_fixtures import (
 from tunery_server.app import create_app
 from tunery_server.settings import ServerSettings
 
+# Like Llama 2's and Mistral's templates: a conversation it does not take is refused with raise_exception.
+STRICT_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+)
 # Lone surrogates, as JSON escapes them: json.loads makes them, but they are not text any tokenizer takes.
 SURROGATE = "\\ud800"
 
@@ -27,6 +33,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     started = {
         "chat": Server.start(untrained_chat_decoder(root / "chat"), root / "chat.log"),
         "warmth": Server.start(untrained_classifier(root / "warmth"), root / "warmth.log"),
+        "strict": Server.start(untrained_chat_decoder(root / "strict", STRICT_TEMPLATE), root / "strict.log"),
     }
     with ready_servers(started) as ready:
         yield ready
@@ -165,3 +172,17 @@ def test_the_connection_outlives_an_error(
         assert good.status_code == 200
         # The same connection answered both: the error did not close it.
         assert good.extensions["network_stream"] is bad.extensions["network_stream"]
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400(servers: dict[str, Server]) -> None:
+    strict = servers["strict"]
+    turns = [{"role": "user", "content": "red"}, {"role": "user", "content": "blue"}]
+    response = httpx.post(f"{strict.url}/v1/chat/completions", json={"messages": turns, "max_tokens": 2}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and "roles must alternate" in error["message"]
+    alternating = [{"role": "user", "content": "red"}]
+    response = httpx.post(
+        f"{strict.url}/v1/chat/completions", json={"messages": alternating, "max_tokens": 2}, timeout=30
+    )
+    assert response.status_code == 200, response.text

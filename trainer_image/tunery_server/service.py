@@ -114,10 +114,23 @@ class ModelService:
             raise bad_request(f"{self.settings.name} has no chat template: use POST {COMPLETIONS}", "messages")
         self._limit_max_tokens(request)
         messages = request.rendered_messages()
+
+        def encode() -> list[int]:
+            from jinja2 import TemplateError, TemplateSyntaxError
+
+            try:
+                return model.encode_chat(messages)
+            except TemplateSyntaxError:
+                raise  # the model's template is broken, whatever was sent: the server's failure
+            except TemplateError as error:
+                # Templates refuse conversations they do not take (raise_exception: roles that do not alternate).
+                message = f"{self.settings.name}'s chat template refused these messages: {error}"
+                raise bad_request(message[:1000], "messages") from error
+
         return await self._on_model(
             self._prepare,
             model,
-            lambda: model.encode_chat(messages),
+            encode,
             request,
             "messages",
             self.settings.max_tokens_limit,
