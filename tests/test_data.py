@@ -161,8 +161,14 @@ CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hel
         (
             "token-classification",
             [{"tokens": ["Paris"], "tags": ["B-LOC"]}, {"tokens": ["is"], "tags": ["O"]}],
+            {"tokens": ["Paris"], "tags": [True]},
+            "an item of column 'tags' holds a bool, expected text or an integer",
+        ),
+        (
+            "token-classification",
+            [{"tokens": ["Paris"], "tags": ["B-LOC"]}, {"tokens": ["is"], "tags": ["O"]}],
             {"tokens": ["Paris"], "tags": "B-LOC"},
-            "column 'tags' holds a str, expected a list of strings",
+            "column 'tags' holds a str, expected a list of tags (strings or integers)",
         ),
     ],
 )
@@ -177,6 +183,15 @@ def test_an_int_label_is_kept_as_its_decimal_string(tmp_path: Path) -> None:
         "sequence-classification", dataset(validationSplit=0), [jsonl(tmp_path / "t.jsonl", rows)], [], 1
     )
     assert prepared.label_names == ["0", "1"] and prepared.train[0] == {"text": "good", "label": "1"}
+
+
+def test_int_tags_are_kept_as_their_decimal_strings(tmp_path: Path) -> None:
+    """CoNLL-style exports store tags as class ids (a parquet list<int64> column)."""
+    rows = [{"tokens": ["Acme", "Corp"], "tags": [3, 4]}, {"tokens": ["in", "Paris"], "tags": [0, 5]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    prepared = prepare("token-classification", dataset(validationSplit=0), [tmp_path / "t.parquet"], [], 1)
+    assert prepared.label_names == ["0", "3", "4", "5"]
+    assert {"tokens": ["Acme", "Corp"], "tags": ["3", "4"]} in prepared.train
 
 
 def test_a_parquet_int_column_is_not_text(tmp_path: Path) -> None:

@@ -218,7 +218,7 @@ def shape(task: Task, dataset: Dataset, row: dict[str, Any]) -> dict[str, Any]:
     """The example in the shape and types the task needs; BadRow when the row does not have them."""
     columns = dataset.columns
     if task == "token-classification":
-        tokens, tags = _strings(row, columns.tokens), _strings(row, columns.tags)
+        tokens, tags = _strings(row, columns.tokens), _tags(row, columns.tags)
         if len(tokens) != len(tags):
             raise BadRow(f"{len(tokens)} tokens but {len(tags)} tags")
         return {"tokens": tokens, "tags": tags}
@@ -265,6 +265,19 @@ def _strings(row: dict[str, Any], column: str) -> list[str]:
     if not isinstance(values, list):
         raise BadRow(f"column {column!r} holds {_kind(values)}, expected a list of strings")
     return [_clean(value, f"an item of column {column!r}") for value in values]
+
+
+def _tags(row: dict[str, Any], column: str) -> list[str]:
+    """The column's tags: strings, or int class ids (as CoNLL-style exports store them) as their decimal strings."""
+    values = row.get(column)
+    if not isinstance(values, list):
+        raise BadRow(f"column {column!r} holds {_kind(values)}, expected a list of tags (strings or integers)")
+    return [
+        str(value)
+        if isinstance(value, int) and not isinstance(value, bool)
+        else _clean(value, f"an item of column {column!r}", "text or an integer")
+        for value in values
+    ]
 
 
 def _chat(row: dict[str, Any], column: str) -> dict[str, Any]:
