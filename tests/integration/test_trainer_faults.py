@@ -142,7 +142,10 @@ def test_a_store_failing_past_the_retry_timeout_is_a_retryable_failure(s3_env, b
     # Not final: the Job's backoffLimit retries it, resuming from the latest checkpoint.
     assert code == contract.EXIT_RETRYABLE and code not in contract.FINAL_EXIT_CODES
     assert message["reason"] == "StorageUnavailable", message
-    assert "answered HeadObject with HTTP 500: the store is failing" in message["message"] and "retryTimeoutSeconds" in message["message"]
+    assert (
+        "answered HeadObject with HTTP 500: the store is failing" in message["message"]
+        and "retryTimeoutSeconds" in message["message"]
+    )
     assert "data/train.jsonl" in message["message"] and "Traceback" not in stderr
 
 
