@@ -71,7 +71,7 @@ def save(
     local = workdir / "checkpoint"
     shutil.rmtree(local, ignore_errors=True)
     uri = checkpoint_uri + checkpoint_name(progress.step)
-    with disk.writing(local, f"checkpoint {uri}", _tensor_bytes(trainable) + _tensor_bytes(training_state)):
+    with disk.writing(local, f"checkpoint {uri}", tensor_bytes(trainable) + tensor_bytes(training_state)):
         local.mkdir(parents=True)
         save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in trainable.items()}, local / WEIGHTS)
         torch.save(training_state, local / TRAINING_STATE)
@@ -85,14 +85,14 @@ def save(
     return uri
 
 
-def _tensor_bytes(value: Any) -> int:
+def tensor_bytes(value: Any) -> int:
     """The bytes the tensors in a (nested) state hold: what writing it needs on disk, near enough."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
-        return sum(_tensor_bytes(item) for item in value.values())
+        return sum(tensor_bytes(item) for item in value.values())
     if isinstance(value, list | tuple):
-        return sum(_tensor_bytes(item) for item in value)
+        return sum(tensor_bytes(item) for item in value)
     return 0
 
 

@@ -251,9 +251,7 @@ def _text(row: dict[str, Any], column: str) -> str:
 def _label(row: dict[str, Any], text_column: str, column: str) -> str:
     """A string label, or an int label as its decimal string; bools and floats are not labels."""
     value = row.get(column)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    label = "" if value is None else _clean(value, f"column {column!r}", "text or an integer")
+    label = "" if value is None else _class_name(value, f"column {column!r}")
     if not label:
         raise BadRow(f"needs columns {text_column!r} and {column!r}")
     return label
@@ -272,12 +270,14 @@ def _tags(row: dict[str, Any], column: str) -> list[str]:
     values = row.get(column)
     if not isinstance(values, list):
         raise BadRow(f"column {column!r} holds {_kind(values)}, expected a list of tags (strings or integers)")
-    return [
-        str(value)
-        if isinstance(value, int) and not isinstance(value, bool)
-        else _clean(value, f"an item of column {column!r}", "text or an integer")
-        for value in values
-    ]
+    return [_class_name(value, f"an item of column {column!r}") for value in values]
+
+
+def _class_name(value: Any, where: str) -> str:
+    """A label or tag: text, cleaned, or an int class id as its decimal string; bools and floats are not classes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _clean(value, where, "text or an integer")
 
 
 def _chat(row: dict[str, Any], column: str) -> dict[str, Any]:

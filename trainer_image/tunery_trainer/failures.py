@@ -12,7 +12,7 @@ from tunery_trainer.redaction import redact
 from tunery_trainer.storage import RETRYABLE_REASONS, StorageError
 
 # torch's allocators name the failure in the message: CUDA's OutOfMemoryError, the CPU allocator a RuntimeError.
-_OUT_OF_MEMORY_TEXTS = ("CUDA out of memory", "can't allocate memory", "out of memory")
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory")
 # Enough of an unclassified error to search for; the pod log has the whole traceback.
 _CRASH_CHARS = 600
 

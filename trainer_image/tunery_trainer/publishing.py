@@ -7,7 +7,7 @@ from typing import Any
 
 from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import disk
-from tunery_trainer.checkpoints import Progress
+from tunery_trainer.checkpoints import Progress, tensor_bytes
 from tunery_trainer.model_card import write_model_card
 from tunery_trainer.modeling import ADAPTER_METHODS, MERGEABLE_METHODS, auto_class, label_arguments
 from tunery_trainer.storage import Storage
@@ -33,8 +33,7 @@ def publish_model(
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
     # The weights in memory: about what their files take (a merged copy beside an adapter takes as much again).
-    needed = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
-    with disk.writing(local, f"the model for {config.output_uri}", needed):
+    with disk.writing(local, f"the model for {config.output_uri}", tensor_bytes(list(model.parameters()))):
         layout = _lay_out(config, model, tokenizer, base_model_dir, progress, data_stats, label_names, local)
     manifest = storage.publish(
         local,
