@@ -48,14 +48,33 @@ def _ldflags(module: str) -> str:
     return " ".join(["-s", "-w", *flags])
 
 
+def _module_files(module: str) -> list[Path]:
+    """The go.mod, go.sum and sources a module's binaries are built from (nested modules excluded)."""
+    root = TOOLS_DIR / module
+    nested = [TOOLS_DIR / other for other in {entry[0] for entry in PACKAGES} if other != module]
+    return [
+        path
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+        and path.suffix in (".mod", ".sum", ".go")
+        and not any(path.is_relative_to(other) for other in nested if other.is_relative_to(root) and other != root)
+    ]
+
+
+def _module_build_dir(module: str) -> Path:
+    """Where one module's binaries are cached: keyed by its own files, so adding a module rebuilds nothing else."""
+    digest = hashlib.sha256(_ldflags(module).encode())
+    for path in _module_files(module):
+        digest.update(str(path.relative_to(TOOLS_DIR)).encode())
+        digest.update(path.read_bytes())
+    return cache_root() / "modules" / f"{module.replace('/', '-').strip('.') or 'root'}-{digest.hexdigest()[:16]}"
+
+
 def bin_dir() -> Path:
-    """Where the binaries for the pinned versions live: keyed by a hash of every go.mod, go.sum and source file."""
+    """The one directory that holds every pinned binary (links into the per-module caches)."""
     digest = hashlib.sha256()
-    digest.update(_ldflags(".").encode())
-    for path in sorted(TOOLS_DIR.rglob("*")):
-        if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
-            digest.update(str(path.relative_to(TOOLS_DIR)).encode())
-            digest.update(path.read_bytes())
+    for module in sorted({entry[0] for entry in PACKAGES}):
+        digest.update(str(_module_build_dir(module)).encode())
     return cache_root() / digest.hexdigest()[:16] / "bin"
 
 
@@ -65,24 +84,36 @@ def ensure_built(log=print) -> Path:
     missing = [entry for entry in PACKAGES if not (target / entry[1]).is_file()]
     if not missing:
         return target
-    if shutil.which("go") is None:
-        raise SystemExit("local-env: the Go toolchain is needed to build the control plane; install Go 1.24 or newer")
     target.mkdir(parents=True, exist_ok=True)
     for module in sorted({entry[0] for entry in missing}):
+        built = _module_build_dir(module)
         names = [entry[1] for entry in missing if entry[0] == module]
-        packages = [entry[2] for entry in missing if entry[0] == module]
-        log(f"local-env: building {', '.join(names)} (first run only; several minutes)")
-        with tempfile.TemporaryDirectory(dir=target.parent) as staging:
-            env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
-            subprocess.run(
-                ["go", "build", "-trimpath", f"-ldflags={_ldflags(module)}", "-o", staging + "/", *packages],
-                cwd=TOOLS_DIR / module,
-                env=env,
-                check=True,
-            )
-            for name in names:
-                os.replace(Path(staging) / name, target / name)
+        unbuilt = [entry for entry in missing if entry[0] == module and not (built / entry[1]).is_file()]
+        if unbuilt:
+            _build(module, built, unbuilt, log)
+        for name in names:
+            link = target / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(built / name)
     return target
+
+
+def _build(module: str, built: Path, entries: list[tuple[str, str, str]], log) -> None:
+    if shutil.which("go") is None:
+        raise SystemExit("local-env: the Go toolchain is needed to build the control plane; install Go 1.24 or newer")
+    names = [entry[1] for entry in entries]
+    log(f"local-env: building {', '.join(names)} (first run only; several minutes)")
+    built.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=built.parent) as staging:
+        env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"}
+        subprocess.run(
+            ["go", "build", "-trimpath", f"-ldflags={_ldflags(module)}", "-o", staging + "/", *[e[2] for e in entries]],
+            cwd=TOOLS_DIR / module,
+            env=env,
+            check=True,
+        )
+        for name in names:
+            os.replace(Path(staging) / name, built / name)
 
 
 # Debian's prometheus package provides the real Prometheus and promtool; unpacked, not installed (no root needed).
