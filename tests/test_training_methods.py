@@ -1,5 +1,6 @@
 """Every method on the tasks it applies to trains a tiny model for real, the loss falls, and the output loads back."""
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from tiny_models import WARM, decoder, encoder, minilm_path, sentence_parts, sen
 
 from tunery.local_run import local_config
 from tunery_trainer.job import run
+from tunery_trainer.metrics import TrainerMetrics
+from tunery_trainer.progress import ProgressReporter, StatusEndpoint
 from tunery_trainer.publishing import ADAPTER_DIR, MODEL_DIR
 
 pytestmark = pytest.mark.slow
@@ -65,7 +68,9 @@ def manifest(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": "tunery.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
 
 
-def train_case(tmp_path: Path, spec: dict[str, Any]):
+def train_case(
+    tmp_path: Path, spec: dict[str, Any], metrics: TrainerMetrics | None = None, status: ProgressReporter | None = None
+):
     spec = {
         "resources": {"gpus": 0},
         "output": {"uri": f"file://{tmp_path}/out/"},
@@ -73,7 +78,7 @@ def train_case(tmp_path: Path, spec: dict[str, Any]):
         **spec,
     }
     config = local_config(manifest("case", spec))
-    outcome = run(config, tmp_path / "work")
+    outcome = run(config, tmp_path / "work", metrics, status)
     return outcome, Path(config.output_uri.removeprefix("file://"))
 
 
@@ -131,11 +136,49 @@ def test_method_trains_and_loads_back(
         },
     )
     assert outcome.progress.step == 24
+    assert {name for _, evaluated in outcome.progress.eval_history for name in evaluated} == {"evalLoss"}
     assert loss_fell(outcome.progress.train_loss), " ".join(f"{loss:.3f}" for _, loss in outcome.progress.train_loss)
     assert (published / "tunery-manifest.json").is_file()
     assert (published / "README.md").is_file() and (published / "loss_curve.png").is_file()
     model = load_published(published, task, method["type"], bases[base])
     check_inference(model, published, task)
+
+
+def test_only_the_listed_metrics_and_loss_are_computed_and_reported(
+    tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path]
+) -> None:
+    """metrics [loss, accuracy] on a classifier: the status, metrics.json, the card and Prometheus carry no f1."""
+    sent: list[dict[str, Any]] = []
+    endpoint = StatusEndpoint("https://127.0.0.1:6443", "token", None, "team-a", "case")
+    status = ProgressReporter(endpoint, min_interval_s=0, send=lambda _, body: sent.append(body))
+    prometheus = TrainerMetrics("team-a", "case")
+    _, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {"uri": f"file://{bases['minilm']}/"},
+            "task": "sequence-classification",
+            "dataset": {"train": f"file://{datasets['labelled']}", "maxLength": 64, "validationSplit": 0.1},
+            "method": {"type": "full"},
+            "hyperparameters": {"maxSteps": 4, "batchSize": 8},
+            "evaluation": {"everySteps": 2, "metrics": ["loss", "accuracy"]},
+        },
+        prometheus,
+        status,
+    )
+    evaluated = {"evalLoss", "evalAccuracy"}
+    assert {name for name in sent[-1]["status"]["metrics"] if name.startswith("eval")} == evaluated
+    results = json.loads((published / "metrics.json").read_text())
+    assert [set(metrics) for _, metrics in results["eval"]] == [evaluated, evaluated]
+    assert set(results["final"]) == evaluated | {"trainLoss"}
+    card = (published / "README.md").read_text().split("## Results")[1].split("##")[0]
+    assert {row.split("|")[1].strip() for row in card.splitlines()[4:] if row} == evaluated | {"trainLoss"}
+    gauges = {
+        sample.labels["metric"]
+        for family in prometheus.registry.collect()
+        if family.name == "tunery_trainer_eval"
+        for sample in family.samples
+    }
+    assert gauges == {"loss", "accuracy"}
 
 
 def load_published(published: Path, task: str, method: str, base_dir: Path):

@@ -83,6 +83,11 @@ def test_minimal_manifest_is_valid() -> None:
             "language-modelling metric",
         ),
         (
+            lambda m: m["spec"].update(evaluation={"metrics": ["loss", "f1"]}, task="causal-lm"),
+            "spec.evaluation.metrics",
+            "use loss or perplexity for this task",
+        ),
+        (
             lambda m: m["spec"]["baseModel"].update(tokenizer={"trainVocabSize": 8000}),
             "spec.baseModel.tokenizer.trainVocabSize",
             "does not match",

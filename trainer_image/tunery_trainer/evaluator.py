@@ -1,16 +1,18 @@
 """Run the model over the validation sequences and compute the metrics the spec asks for."""
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 
-from tunery.api.spec import Task
+from tunery.api.spec import EvalMetric, Task
 from tunery_trainer.evaluation import classification_metrics, entity_metrics
 from tunery_trainer.tokenization import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
+# Scored from the predicted labels or tags, which only these metrics need collected.
+PREDICTION_METRICS = frozenset({"accuracy", "precision", "recall", "f1"})
 
 
 @torch.no_grad()
@@ -23,8 +25,15 @@ def evaluate(
     device: torch.device,
     label_names: Sequence[str],
     autocast: Callable[[], Any],
+    metrics: Collection[EvalMetric],
 ) -> dict[str, float]:
-    """Loss (token-weighted), perplexity for language models, accuracy/precision/recall/F1 for classifiers."""
+    """Loss (token-weighted), always, and those of `metrics` that the task has (spec validation refuses the others).
+
+    Loss is never left out: the forward pass yields it for free, and the loss curve, status.checkpoints' evalLoss
+    and the other metrics' meaning (perplexity is exp(loss)) all rest on it.
+    """
+    wanted = {"loss", *metrics}
+    predicts = bool(wanted & PREDICTION_METRICS) and task in ("sequence-classification", "token-classification")
     was_training = model.training
     model.eval()
     # Masked-LM masking draws random numbers: the same positions every evaluation make the losses comparable.
@@ -40,22 +49,22 @@ def evaluate(
         weight = _loss_weight(task, batch["labels"])
         total_loss += float(output.loss) * weight
         total_weight += weight
-        if task == "sequence-classification":
+        if predicts and task == "sequence-classification":
             predictions += output.logits.argmax(-1).tolist()
             references += batch["labels"].tolist()
-        elif task == "token-classification":
+        elif predicts:
             _collect_tags(output.logits.argmax(-1), batch["labels"], label_names, predictions, references)
     torch.random.set_rng_state(generator_state)
     model.train(was_training)
     loss = total_loss / max(total_weight, 1)
-    metrics = {"loss": loss}
+    scores = {"loss": loss}
     if task in ("causal-lm", "masked-lm"):
-        metrics["perplexity"] = math.exp(min(loss, 50.0))
-    elif task == "sequence-classification":
-        metrics |= classification_metrics(predictions, references, len(label_names))
-    else:
-        metrics |= entity_metrics(predictions, references)
-    return metrics
+        scores["perplexity"] = math.exp(min(loss, 50.0))
+    elif predicts and task == "sequence-classification":
+        scores |= classification_metrics(predictions, references, len(label_names))
+    elif predicts:
+        scores |= entity_metrics(predictions, references)
+    return {name: value for name, value in scores.items() if name in wanted}
 
 
 def _loss_weight(task: Task, labels: torch.Tensor) -> int:

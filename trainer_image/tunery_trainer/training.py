@@ -175,7 +175,15 @@ def train(
         # A sharded model's forward pass is a collective, so every rank evaluates; rank 0 reports.
         if (distributed.is_main or sharded) and data.validation:
             raw = evaluate(
-                model, spec.task, data.validation, collate, settings.batch_size, device, label_names, autocast
+                model,
+                spec.task,
+                data.validation,
+                collate,
+                settings.batch_size,
+                device,
+                label_names,
+                autocast,
+                spec.evaluation.metrics,
             )
             metrics = {f"eval{name[0].upper()}{name[1:]}": value for name, value in raw.items()}
         if metrics and distributed.is_main:

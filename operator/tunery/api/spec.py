@@ -175,7 +175,7 @@ class Evaluation(ApiModel):
     every_steps: int = Field(0, ge=0)
     """Evaluate every N optimiser steps; 0 evaluates once per epoch and at the end."""
     metrics: list[EvalMetric] = Field(default_factory=lambda: ["loss"], max_length=6)
-    """Metrics to report: loss and perplexity for language modelling; accuracy, precision, recall, f1 for classification."""
+    """Metrics computed and reported: perplexity for language modelling; accuracy, precision, recall, f1 for classification. Loss is always reported."""
 
 
 class Checkpoints(ApiModel):
