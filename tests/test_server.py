@@ -466,6 +466,38 @@ def test_tagged_words_group_into_entities() -> None:
     assert entities == [("new york", "LOC", 0.8), ("big", "SIZE", 0.8), ("paris", "LOC", 0.6), ("too", "LOC", 0.5)]
 
 
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        {"single": "S", "begin": "B", "inside": "I", "end": "E"},
+        {"single": "U", "begin": "B", "inside": "I", "end": "L"},
+    ],
+    ids=["BIOES", "BILOU"],
+)
+def test_bioes_and_bilou_tags_group_as_evaluation_groups_them(scheme: dict[str, str]) -> None:
+    """A single-word entity beside a multi-word one of the same type stays two entities; an end closes one."""
+    text = "paris new york city is big"
+    spans = [(0, 5), (6, 9), (10, 14), (15, 19), (20, 22), (23, 26)]
+    single, begin, inside, end = scheme["single"], scheme["begin"], scheme["inside"], scheme["end"]
+    tags = [
+        (f"{single}-LOC", 0.9),
+        (f"{begin}-LOC", 0.8),
+        (f"{inside}-LOC", 0.6),
+        (f"{end}-LOC", 0.7),
+        ("O", 1.0),
+        (f"{single}-SIZE", 0.5),
+    ]
+    entities = [
+        (entity.text, entity.label, entity.start, entity.end, round(entity.score, 3))
+        for entity in group_entities(text, spans, tags)
+    ]
+    assert entities == [
+        ("paris", "LOC", 0, 5, 0.9),
+        ("new york city", "LOC", 6, 19, 0.7),
+        ("big", "SIZE", 23, 26, 0.5),
+    ]
+
+
 def test_validation_locations_become_field_paths() -> None:
 
     assert field_path(["messages", 0, "content"]) == "messages[0].content"

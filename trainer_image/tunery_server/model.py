@@ -12,6 +12,7 @@ import torch
 from tunery_server.schemas import Entity
 from tunery_server.source import Source, SourceError, fetch_base_model, materialize
 from tunery_server.text import StopText
+from tunery_trainer.tagging import entity_chunks
 
 GENERATIVE = ("causal-lm",)
 CLASSIFIERS = ("sequence-classification", "token-classification")
@@ -192,28 +193,14 @@ class _TokenWatcher:
 
 
 def group_entities(text: str, spans: Sequence[tuple[int, int]], tags: Sequence[tuple[str, float]]) -> list[Entity]:
-    """Group tagged words into entities: B-X starts one, I-X (or a bare X) continues an X, O ends it."""
-    entities: list[Entity] = []
-    current: tuple[str, int, int, list[float]] | None = None
-
-    def close() -> None:
-        if current is not None:
-            label, start, end, scores = current
-            entities.append(
-                Entity(text=text[start:end], label=label, score=sum(scores) / len(scores), start=start, end=end)
-            )
-
-    for (start, end), (tag, score) in zip(spans, tags, strict=True):
-        prefix, kind = (tag[0], tag[2:]) if tag[:2] in ("B-", "I-") else ("", tag)
-        if tag == "O" or not kind:
-            close()
-            current = None
-        elif prefix != "B" and current is not None and current[0] == kind:
-            current = (kind, current[1], end, [*current[3], score])
-        else:
-            close()
-            current = (kind, start, end, [score])
-    close()
+    """Group tagged words (character spans in text) into entities as evaluation does, scored by their words' mean."""
+    entities = []
+    for label, first, last in entity_chunks([tag for tag, _ in tags]):
+        start, end = spans[first][0], spans[last - 1][1]
+        scores = [score for _, score in tags[first:last]]
+        entities.append(
+            Entity(text=text[start:end], label=label, score=sum(scores) / len(scores), start=start, end=end)
+        )
     return entities
 
 
