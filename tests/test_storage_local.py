@@ -140,3 +140,16 @@ def test_empty_checkpoint_prefixes_are_skipped_quietly(storage: Storage, tmp_pat
     caplog.set_level("INFO", logger="tunery_trainer.checkpoints")
     assert latest(storage, f"file://{root}/", "rev", Owner("uid-1")) is None
     assert "step-00000006" in caplog.text and "step-00000003" not in caplog.text
+
+
+def test_settings_from_the_environment_the_operator_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS_ENDPOINT_URL_S3 and AWS_REGION as render.storage_env sets them; path-style only by default, for an endpoint."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    assert S3Settings.from_env() == S3Settings(None, "us-east-1", "auto")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://seaweedfs:8333")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert S3Settings.from_env() == S3Settings("http://seaweedfs:8333", "eu-west-3", "path")
+    assert S3Settings.from_env("virtual", retry_seconds=0) == S3Settings(
+        "http://seaweedfs:8333", "eu-west-3", "virtual", 0
+    )

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,7 @@ class Source:
 
 def storage_from_environment() -> Storage:
     """S3 as the AWS variables describe it; path-style addressing for a custom endpoint (MinIO, SeaweedFS)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
-    region = os.environ.get("AWS_REGION", "us-east-1")
-    return Storage(S3Settings(endpoint=endpoint, region=region, addressing="path" if endpoint else "auto"))
+    return Storage(S3Settings.from_env())
 
 
 def locate(uri: str) -> Source:

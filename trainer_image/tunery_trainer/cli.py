@@ -95,11 +95,8 @@ def fetch(
     A model published as an adapter alone (prompt or prefix tuning, or mergeAdapter false) also gets its base
     model, into DEST/base: the server container has no storage credentials of its own.
     """
-    settings = S3Settings(
-        os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_REGION", "us-east-1"), addressing, retry_seconds
-    )
     try:
-        manifest = _fetch_model(Storage(settings), uri, dest)
+        manifest = _fetch_model(Storage(S3Settings.from_env(addressing, retry_seconds)), uri, dest)
     except Exception as error:  # noqa: BLE001 - every failure ends with a reason; see failures.classify
         _fail(failures.classify(error, dest))
     typer.echo(json.dumps({"model": uri, "files": len(manifest["files"]), "dest": str(dest)}))

@@ -110,6 +110,19 @@ class S3Settings:
     def from_spec(cls, storage: StorageSpec) -> "S3Settings":
         return cls(storage.endpoint, storage.region, storage.addressing, storage.retry_timeout_seconds)
 
+    @classmethod
+    def from_env(
+        cls, addressing: str | None = None, retry_seconds: float = contract.STORAGE_RETRY_SECONDS
+    ) -> "S3Settings":
+        """S3 as the AWS variables describe it (the operator renders them from spec.storage: render.storage_env).
+
+        addressing None is path-style for a custom endpoint (MinIO and SeaweedFS want it), else auto.
+        """
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3")
+        if addressing is None:
+            addressing = "path" if endpoint else "auto"
+        return cls(endpoint, os.environ.get("AWS_REGION", "us-east-1"), addressing, retry_seconds)
+
 
 _TRANSFER = TransferConfig(multipart_threshold=64 * _MIB, multipart_chunksize=64 * _MIB, max_concurrency=8)
 
