@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import failures, redaction
 from tunery_trainer.data import prepare
 from tunery_trainer.failures import Failure
-from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage
+from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage, download_from_hub
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tunery's trainer (the container entrypoint).")
 
@@ -81,10 +82,6 @@ def train(
 def fetch(
     uri: Annotated[str, typer.Option("--uri", help="The published model (s3://, file:// or pvc://).")],
     dest: Annotated[Path, typer.Option("--dest", help="Where to put it (the serving pod's model volume).")],
-    with_base: Annotated[
-        bool,
-        typer.Option("--with-base", help="Also fetch the base model (into DEST/base) when no merged model exists."),
-    ] = False,
     addressing: Annotated[str, typer.Option("--addressing", help="S3 addressing: auto, path or virtual.")] = "auto",
     retry_seconds: Annotated[
         int, typer.Option("--retry-seconds", min=0, help="How long each operation retries a failing store.")
@@ -92,8 +89,9 @@ def fetch(
 ) -> None:
     """Fetch a published model, verified against its manifest (the serving init container).
 
-    A model published as an adapter alone (prompt or prefix tuning, or mergeAdapter false) also gets its base
-    model, into DEST/base: the server container has no storage credentials of its own.
+    A model published as an adapter alone (prompt or prefix tuning, or mergeAdapter false) always gets its base
+    model too, into DEST/base: the server container has no storage credentials of its own, and vLLM serves
+    DEST/base with the adapter.
     """
     try:
         manifest = _fetch_model(Storage(S3Settings.from_env(addressing, retry_seconds)), uri, dest)
@@ -105,10 +103,18 @@ def fetch(
 def _fetch_model(storage: Storage, uri: str, dest: Path) -> dict:
     storage.fetch_published(uri, dest)
     manifest = json.loads((dest / MANIFEST_NAME).read_text())
-    if not manifest.get("model") and manifest.get("baseModel"):
-        base = manifest["baseModel"]
-        storage.fetch(base if base.endswith("/") else base + "/", dest / "base")
+    base = manifest.get("baseModel")
+    if not manifest.get("model") and base:
+        _fetch_base(storage, base, dest / "base")
     return manifest
+
+
+def _fetch_base(storage: Storage, uri: str, target: Path) -> None:
+    if uri.startswith("hf://"):
+        # The Hub's snapshot links into its cache: copied as plain files, DEST/base stands on its own.
+        shutil.copytree(download_from_hub(uri), target, dirs_exist_ok=True)
+    else:
+        storage.fetch(uri if uri.endswith("/") else uri + "/", target)
 
 
 @app.command()
