@@ -19,6 +19,7 @@ PACKAGES = (
     (".", "kubectl", "k8s.io/kubernetes/cmd/kubectl"),
     (".", "helm", "helm.sh/helm/v3/cmd/helm"),
     ("kwok", "kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+    ("kueue", "kueue", "sigs.k8s.io/kueue/cmd/kueue"),
     ("kstatus", "kstatus", "."),
 )
 
