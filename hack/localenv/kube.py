@@ -9,12 +9,12 @@ from pathlib import Path
 
 from localenv import processes
 
-# Simulated nodes: (name, GPUs, labels). kwok keeps them Ready and runs their pods' lifecycle.
-NODES = (
-    ("gpu-node-0", 8, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "tunery.dev/pool": "gpu"}),
-    ("gpu-node-1", 8, {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "tunery.dev/pool": "gpu"}),
-    ("cpu-node-0", 0, {"tunery.dev/pool": "cpu"}),
-)
+# Simulated nodes: gpu-node-0 .. gpu-node-(N-1) with 8 GPUs each, and one CPU node. kwok keeps them Ready
+# and runs their pods' lifecycle; it simulates thousands of nodes cheaply, so a benchmark can ask for many.
+DEFAULT_GPU_NODES = 2
+GPUS_PER_NODE = 8
+GPU_LABELS = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "tunery.dev/pool": "gpu"}
+CPU_NODE = ("cpu-node-0", 0, {"tunery.dev/pool": "cpu"})
 # Tainted nodes whose pods get a chosen fate (kwok-stages.yaml); a pod that tolerates the taint and selects
 # the label `tunery.dev/kwok-outcome: OUTCOME` stays Running, is OOM-killed, or fails with a data error.
 OUTCOMES = ("running", "oom", "data-error")
@@ -23,8 +23,17 @@ STAGES_FILE = Path(__file__).resolve().parent / "kwok-stages.yaml"
 ADMIN_USER = "tunery-admin"
 
 
-def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
-    """Start the control plane and kwok; return the environment variables that point at it."""
+def up(
+    state_dir: Path, bin_dir: Path, log=print, gpu_nodes: int = DEFAULT_GPU_NODES, high_throughput: bool = False
+) -> dict[str, str]:
+    """Start the control plane and kwok; return the environment variables that point at it.
+
+    `high_throughput` lifts the client-side rate limits and worker counts of the controller manager, the
+    scheduler and kwok, which otherwise hold a burst of hundreds of Jobs (the scale benchmark) to about 20
+    requests per second; the tests keep the stock settings, the ones a real cluster starts with.
+    """
+    if gpu_nodes < 0:
+        raise RuntimeError(f"gpu_nodes must be 0 or more, got {gpu_nodes}; pass --gpu-nodes N with N >= 0")
     kube_dir = state_dir / "kube"
     kubeconfig = kube_dir / "kubeconfig"
     if kubeconfig.exists() and {"kube-apiserver", "etcd"} <= processes.running(state_dir).keys():
@@ -101,6 +110,7 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
             "--use-service-account-credentials=true",
             "--controllers=*,-nodeipam,-cloud-node-lifecycle",
             "--concurrent-gc-syncs=5",
+            *(_CONTROLLER_MANAGER_THROUGHPUT if high_throughput else ()),
             "-v=1",
         ],
     )
@@ -110,16 +120,21 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
         [
             str(bin_dir / "kube-scheduler"),
             *_component_flags(kubeconfig),
+            *(_CLIENT_UNLIMITED if high_throughput else ()),
             "-v=1",
         ],
     )
+    kwok_configs = [STAGES_FILE]
+    if high_throughput:
+        kwok_configs.append(kube_dir / "kwok-throughput.yaml")
+        kwok_configs[-1].write_text(json.dumps(_KWOK_THROUGHPUT))
     processes.start(
         state_dir,
         "kwok",
         [
             str(bin_dir / "kwok"),
             f"--kubeconfig={kubeconfig}",
-            f"--config={STAGES_FILE}",
+            *(f"--config={path}" for path in kwok_configs),
             "--manage-all-nodes=false",
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             "--node-ip=10.0.0.1",
@@ -131,13 +146,25 @@ def up(state_dir: Path, bin_dir: Path, log=print) -> dict[str, str]:
     kubectl = str(bin_dir / "kubectl")
     subprocess.run(
         [kubectl, f"--kubeconfig={kubeconfig}", "apply", "-f", "-"],
-        input=json.dumps(_nodes()),
+        input=json.dumps(_nodes(gpu_nodes)),
         text=True,
         check=True,
         capture_output=True,
     )
-    _wait_ready_nodes(state_dir, kubectl, kubeconfig)
+    _wait_ready_nodes(state_dir, kubectl, kubeconfig, gpu_nodes + 1 + len(OUTCOMES))
     return {"KUBECONFIG": str(kubeconfig)}
+
+
+# kwokctl's own "disable QPS limits" values for these components (sigs.k8s.io/kwok consts.DefaultUnlimitedQPS).
+_CLIENT_UNLIMITED = ("--kube-api-qps=5000", "--kube-api-burst=10000")
+# The Job controller syncs 5 Jobs at a time by default; a burst of a thousand queues behind those 5.
+_CONTROLLER_MANAGER_THROUGHPUT = (*_CLIENT_UNLIMITED, "--concurrent-job-syncs=50")
+# kwok's client is already unlimited; its pod stages run 4 at a time by default.
+_KWOK_THROUGHPUT = {
+    "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+    "kind": "KwokConfiguration",
+    "options": {"podPlayStageParallelism": 32, "nodeLeaseParallelism": 16},
+}
 
 
 def _component_flags(kubeconfig: Path) -> list[str]:
@@ -152,7 +179,7 @@ def _component_flags(kubeconfig: Path) -> list[str]:
     ]
 
 
-def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: float = 90.0) -> None:
+def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, expected: int, timeout: float = 90.0) -> None:
     """Wait for the nodes to be Ready (kwok) and the default ServiceAccount (controller-manager), so pods can run."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -171,7 +198,7 @@ def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: 
                 for item in json.loads(nodes.stdout)["items"]
                 if any(c["type"] == "Ready" and c["status"] == "True" for c in item["status"].get("conditions", []))
             ]
-            if len(ready) == len(NODES) + len(OUTCOMES):
+            if len(ready) == expected:
                 return
         time.sleep(0.5)
     raise RuntimeError(
@@ -179,10 +206,11 @@ def _wait_ready_nodes(state_dir: Path, kubectl: str, kubeconfig: Path, timeout: 
     )
 
 
-def _nodes() -> dict:
+def _nodes(gpu_nodes: int) -> dict:
     items = []
-    outcome_nodes = [(f"outcome-{outcome}", 8, {OUTCOME_LABEL: outcome}) for outcome in OUTCOMES]
-    for name, gpus, labels in [*NODES, *outcome_nodes]:
+    gpu = [(f"gpu-node-{index}", GPUS_PER_NODE, GPU_LABELS) for index in range(gpu_nodes)]
+    outcome_nodes = [(f"outcome-{outcome}", GPUS_PER_NODE, {OUTCOME_LABEL: outcome}) for outcome in OUTCOMES]
+    for name, gpus, labels in [*gpu, CPU_NODE, *outcome_nodes]:
         capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti"}
         if gpus:
             capacity["nvidia.com/gpu"] = str(gpus)
