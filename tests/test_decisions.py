@@ -2,6 +2,7 @@
 
 from datetime import UTC, datetime, timedelta
 
+from tunery.api.status import FineTuneJobStatus, ModelRecord, ServingStatus
 from tunery.api.validation import FieldError
 from tunery.controller.decisions import (
     Observation,
@@ -45,11 +46,17 @@ def pod(
 
 
 def status_of(observation: Observation, previous: dict, now: datetime) -> dict:
-    return operator_status(observation, decide(observation), previous, now)
+    """The status as the API server would store it."""
+    status = operator_status(observation, decide(observation), FineTuneJobStatus.model_validate(previous), now)
+    return status.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def patch_between(wanted: dict, stored: dict) -> dict:
+    return changed_fields(FineTuneJobStatus.model_validate(wanted), FineTuneJobStatus.model_validate(stored))
 
 
 def observe(**fields) -> Observation:
-    return Observation(generation=3, revision="1234abcd", **fields)
+    return Observation(**{"generation": 3, "revision": "1234abcd", **fields})
 
 
 def test_invalid_spec_fails_and_stalls_with_the_field_message() -> None:
@@ -83,9 +90,10 @@ def test_succeeded_is_ready_and_complete() -> None:
         "Stalled": "False",
         "Complete": "True",
         "Failed": "False",
+        "ModelPublished": "False",
         "Serving": "False",
     }
-    assert status["failure"] is None and status["attempts"] == 1
+    assert "failure" not in status and status["attempts"] == 1
 
 
 def test_oom_killed_is_named_with_a_fix() -> None:
@@ -137,11 +145,11 @@ def test_image_pull_errors_are_named() -> None:
 def test_unchanged_status_patches_nothing_and_keeps_transition_times() -> None:
     first = status_of(observe(job=job(), pods=[pod("Running")]), {}, NOW)
     second = status_of(observe(job=job(), pods=[pod("Running")]), first, NOW + timedelta(minutes=5))
-    assert changed_fields(second, first) == {}
+    assert patch_between(second, first) == {}
     finished = status_of(observe(job=job(("Complete", "Completed", ""))), first, NOW + timedelta(minutes=9))
     times = {c["type"]: c["lastTransitionTime"] for c in finished["conditions"]}
     assert times["Validated"] == "2026-11-22T12:00:00Z" and times["Complete"] == "2026-11-22T12:09:00Z"
-    assert set(changed_fields(finished, first)) == {"phase", "conditions"}
+    assert set(patch_between(finished, first)) == {"phase", "conditions"}
 
 
 def test_pods_the_job_could_not_create() -> None:
@@ -159,11 +167,18 @@ def test_pods_the_job_could_not_create() -> None:
 
 
 def test_the_model_changes_only_when_a_revision_succeeds() -> None:
-    model = {"uri": "s3://models/out/chat/1234abcd/", "name": "chat"}
+    model = ModelRecord(uri="s3://models/out/chat/1234abcd/", name="chat")
     running = status_of(observe(job=job(), pods=[pod("Running")], model=model), {}, NOW)
-    assert "model" not in running and "modelRevision" not in running
+    assert "model" not in running and running["modelRevision"] == ""
+    published = {c["type"]: c for c in running["conditions"]}["ModelPublished"]
+    assert published["status"] == "False" and published["reason"] == "NotPublished"
     done = status_of(observe(job=job(("Complete", "Completed", "")), model=model), running, NOW)
-    assert done["model"] == model and done["modelRevision"] == "1234abcd"
+    assert done["model"] == {"uri": model.uri, "name": "chat"} and done["modelRevision"] == "1234abcd"
+    published = {c["type"]: c for c in done["conditions"]}["ModelPublished"]
+    assert published["status"] == "True" and model.uri in published["message"]
+    retraining = status_of(observe(job=job(), pods=[pod("Running")], revision="5678efgh"), done, NOW)
+    assert retraining["model"] == done["model"] and retraining["modelRevision"] == "1234abcd"
+    assert {c["type"]: c["status"] for c in retraining["conditions"]}["ModelPublished"] == "True"
 
 
 ENDPOINT = "http://chat-serving.team-a.svc.cluster.local/v1"
@@ -184,13 +199,13 @@ def serving(deployment_: dict, pods=()) -> ServingObservation:
 def test_serving_is_ready_only_when_every_replica_runs_the_new_model() -> None:
     rolling = deployment(replicas=2, updatedReplicas=1, readyReplicas=2, availableReplicas=2)
     rolling["status"]["replicas"] = 3
-    assert serving_status(serving(rolling))["phase"] == "Deploying"
+    assert serving_status(serving(rolling)).phase == "Deploying"
     stale = deployment(replicas=2, updatedReplicas=2, readyReplicas=2)
     stale["status"]["observedGeneration"] = 1
-    assert serving_status(serving(stale))["phase"] == "Deploying"
+    assert serving_status(serving(stale)).phase == "Deploying"
     done = deployment(replicas=2, updatedReplicas=2, readyReplicas=2)
     done["status"]["replicas"] = 2
-    assert serving_status(serving(done)) == {"phase": "Ready", "endpoint": ENDPOINT, "readyReplicas": 2, "message": ""}
+    assert serving_status(serving(done)) == ServingStatus(phase="Ready", endpoint=ENDPOINT, ready_replicas=2)
 
 
 def test_a_rollout_past_its_deadline_fails_and_says_the_old_model_keeps_serving() -> None:
@@ -211,9 +226,9 @@ def test_a_rollout_past_its_deadline_fails_and_says_the_old_model_keeps_serving(
         ]
     )
     result = serving_status(serving(stuck, [unschedulable]))
-    assert result["phase"] == "Failed" and result["readyReplicas"] == 1
-    assert "within 600s" in result["message"] and "Insufficient nvidia.com/gpu" in result["message"]
-    assert "keep serving the previous model" in result["message"]
+    assert result.phase == "Failed" and result.ready_replicas == 1
+    assert "within 600s" in result.message and "Insufficient nvidia.com/gpu" in result.message
+    assert "keep serving the previous model" in result.message
 
 
 def test_a_model_the_init_container_cannot_fetch_fails_with_its_reason() -> None:
@@ -231,7 +246,7 @@ def test_a_model_the_init_container_cannot_fetch_fails_with_its_reason() -> None
         }
     ]
     result = serving_status(serving(deployment(replicas=1, updatedReplicas=1), [failing]))
-    assert result["phase"] == "Failed" and result["message"].startswith("ModelIncomplete: s3://m/out/")
+    assert result.phase == "Failed" and result.message.startswith("ModelIncomplete: s3://m/out/")
 
 
 def test_ready_waits_for_the_endpoint_when_serving_is_enabled() -> None:

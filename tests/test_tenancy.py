@@ -11,7 +11,9 @@ from conftest import EXAMPLES, REPO_ROOT
 from invalid_cases import REFUSED_DIR, InvalidCase, load_cases
 from tunery.api import contract
 from tunery.api.policy import NamePatterns, Policy, PolicyError, check_cluster, load_policy, validate_for_cluster
+from tunery.api.resource import FineTuneJob
 from tunery.api.spec import FineTuneJobSpec
+from tunery.api.status import ModelRecord
 from tunery.controller import naming
 from tunery.controller.claims import claim_mounts
 from tunery.controller.render import TrainingTarget, render_job
@@ -155,11 +157,9 @@ def serving_of(
     spec: FineTuneJobSpec, model_uri: str = "s3://models/out/bot/rev/", policy: Policy | None = None
 ) -> ServingTarget:
     """The serving target the operator builds for a published model of FineTuneJob team-a/bot."""
-    metadata = {"name": "bot", "namespace": "team-a", "uid": "uid-1"}
-    model = {"uri": model_uri, "name": "bot"}
-    return serving_target(
-        metadata, spec, model, "rev", OperatorSettings(trainer_image="trainer:test"), policy or Policy()
-    )
+    finetunejob = FineTuneJob(metadata={"name": "bot", "namespace": "team-a", "uid": "uid-1"}, spec=spec)
+    model = ModelRecord(uri=model_uri, name="bot")
+    return serving_target(finetunejob, model, "rev", OperatorSettings(trainer_image="trainer:test"), policy or Policy())
 
 
 def test_the_endpoint_answers_its_namespace_and_the_namespaces_named() -> None:

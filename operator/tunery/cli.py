@@ -8,7 +8,7 @@ import yaml
 from rich.console import Console
 
 from tunery.api.crd import render_crd_yaml
-from tunery.api.policy import Policy, PolicyError, load_policy, validate_for_cluster
+from tunery.api.policy import Policy, PolicyError, load_policy, parse_for_cluster, validate_for_cluster
 from tunery.api.resource import API_VERSION, KIND
 from tunery.api.validation import validate_manifest
 from tunery.manifests import UnreadableManifest, read_documents
@@ -97,13 +97,13 @@ def render(
         out.print(f"[red]✗[/red] {file}: holds {len(documents)} documents; tunery render takes one FineTuneJob")
         raise typer.Exit(EXIT_UNREADABLE)
     (document,) = documents
-    errors = validate_for_cluster(document.content, policy)
-    if errors:
+    parsed = parse_for_cluster(document.content, policy)
+    if parsed.finetunejob is None:
         out.print(f"[red]✗[/red] {document.label}: the operator would refuse it")
-        for error in errors:
+        for error in parsed.errors:
             out.print(f"    {error.path}: {error.message}", markup=False)
         raise typer.Exit(EXIT_INVALID)
-    typer.echo(yaml.safe_dump_all(preview(document.content, OperatorSettings(), policy), sort_keys=False), nl=False)
+    typer.echo(yaml.safe_dump_all(preview(parsed.finetunejob, OperatorSettings(), policy), sort_keys=False), nl=False)
 
 
 @app.command()

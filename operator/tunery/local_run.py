@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunery.api.spec import FineTuneJobSpec
 from tunery.api.trainer_config import TrainerConfig
-from tunery.api.validation import FieldError, validate_manifest
+from tunery.api.validation import parse_manifest
 from tunery.controller.naming import revision
 from tunery.controller.render import TrainingTarget, trainer_config
 
@@ -52,14 +51,13 @@ def _walk(value: Any, change: Callable[[str], str]) -> Any:
 
 def local_config(manifest: Any) -> TrainerConfig:
     """The trainer config for a manifest, exactly as the operator renders it (same revision, same output prefix)."""
-    errors: list[FieldError] = validate_manifest(manifest)
-    if errors:
-        raise LocalRunError([f"{error.path}: {error.message}" for error in errors])
-    spec = FineTuneJobSpec.model_validate(manifest["spec"])
-    metadata = manifest.get("metadata", {})
+    parsed = parse_manifest(manifest)
+    if parsed.finetunejob is None:
+        raise LocalRunError([f"{error.path}: {error.message}" for error in parsed.errors])
+    metadata, spec = parsed.finetunejob.metadata, parsed.finetunejob.spec
     target = TrainingTarget(
-        name=metadata["name"],
-        namespace=metadata.get("namespace", LOCAL_NAMESPACE),
+        name=metadata.name,
+        namespace=metadata.namespace or LOCAL_NAMESPACE,
         uid="local",
         spec=spec,
         revision=revision(spec),

@@ -474,3 +474,52 @@ def test_real_training_reports_progress_metrics_and_checkpoints_into_the_status(
     assert {"trainLoss", "learningRate", "evalLoss", "tokensPerSecond"} <= set(status["metrics"])
     assert [checkpoint["step"] for checkpoint in status["checkpoints"]] == [8]
     assert status["checkpoints"][0]["uri"].endswith("/checkpoints/step-00000008/")
+
+
+def _samples(exposition: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def _applies(kube: Kube) -> dict[str, float]:
+    """Server-side applies the API server has answered, by resource (only the operator applies children)."""
+    counts: dict[str, float] = {}
+    for labels, value in _samples(kube.kubectl("get", "--raw", "/metrics").stdout, "apiserver_request_total").items():
+        fields = dict(labels)
+        if fields.get("verb") == "APPLY":
+            counts[fields["resource"]] = counts.get(fields["resource"], 0) + value
+    return counts
+
+
+def _reconciliations() -> float:
+    exposition = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    return _samples(exposition, "tunery_reconcile_duration_seconds_count")[()]
+
+
+def test_reconciling_an_unchanged_job_applies_nothing_and_a_change_is_applied(
+    kube: Kube, operator: OperatorProcess
+) -> None:
+    kube.kubectl("apply", "-f", "-", input=manifest("lora-sft-chat.yaml", "steady", resources=outcome("running")))
+    wait_for(kube, operator, "steady", lambda status: status.get("phase") == "Running")
+    before, reconciled = _applies(kube), _reconciliations()
+    for touch in range(5):
+        kube.kubectl("annotate", "-n", NAMESPACE, "ftj/steady", f"example.com/touch={touch}", "--overwrite")
+    deadline = time.monotonic() + 30
+    while _reconciliations() < reconciled + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    assert _reconciliations() >= reconciled + 1
+    children_applied = {kind: count - before.get(kind, 0) for kind, count in _applies(kube).items()}
+    assert not {kind: n for kind, n in children_applied.items() if n and kind != "finetunejobs"}, children_applied
+    # backoffLimit reaches the Job but not the revision: the Job is applied again, in place.
+    kube.kubectl("patch", "-n", NAMESPACE, "ftj/steady", "--type=merge", "-p", '{"spec": {"backoffLimit": 5}}')
+    job_name = f"steady-{get(kube, 'ftj', 'steady')['status']['revision']}"
+    deadline = time.monotonic() + 30
+    while get(kube, "job", job_name)["spec"]["backoffLimit"] != 5:
+        assert time.monotonic() < deadline, "the changed backoffLimit never reached the Job"
+        time.sleep(0.5)
+    assert _applies(kube)["jobs"] > before["jobs"]

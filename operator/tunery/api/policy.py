@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError
 
 from tunery.api.base import ApiModel
 from tunery.api.spec import FineTuneJobSpec
-from tunery.api.validation import FieldError, validate_manifest
+from tunery.api.validation import FieldError, Parsed, parse_manifest
 
 _CONTROL_PLANE_KEYS = ["node-role.kubernetes.io/*"]
 
@@ -77,13 +77,18 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(f"{path}: not a valid policy: {problems}") from exc
 
 
+def parse_for_cluster(manifest: Any, policy: Policy) -> Parsed:
+    """A manifest as the operator reads it: its schema and rules first, then what the cluster forbids."""
+    parsed = parse_manifest(manifest)
+    if parsed.finetunejob is None:
+        return parsed
+    errors = check_cluster(parsed.finetunejob.spec, parsed.finetunejob.metadata.namespace or None, policy)
+    return Parsed(None, errors) if errors else parsed
+
+
 def validate_for_cluster(manifest: Any, policy: Policy) -> list[FieldError]:
-    """Everything the operator refuses of a manifest: its schema and rules first, then what the cluster forbids."""
-    errors = validate_manifest(manifest)
-    if errors:
-        return errors
-    spec = FineTuneJobSpec.model_validate(manifest["spec"])
-    return check_cluster(spec, (manifest.get("metadata") or {}).get("namespace"), policy)
+    """Everything the operator refuses of a manifest; an empty list means it may run."""
+    return parse_for_cluster(manifest, policy).errors
 
 
 def check_cluster(spec: FineTuneJobSpec, namespace: str | None, policy: Policy) -> list[FieldError]:

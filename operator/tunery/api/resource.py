@@ -1,8 +1,10 @@
 """The FineTuneJob resource as a whole, and the names that identify its API."""
 
-from typing import Any, Literal
+from datetime import datetime
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from tunery.api.base import ApiModel
 from tunery.api.spec import FineTuneJobSpec
@@ -19,6 +21,22 @@ SHORT_NAMES = ("ftj",)
 MAX_NAME_LENGTH = 45
 
 
+class ObjectMeta(BaseModel):
+    """The metadata fields the operator reads; the API server owns the rest (managedFields and others are ignored)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, extra="ignore", frozen=True)
+
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+    generation: int = 1
+    resource_version: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    creation_timestamp: datetime | None = None
+    deletion_timestamp: datetime | None = None
+
+
 class FineTuneJob(ApiModel):
     """Fine-tune a language model from S3 data and publish and serve the result."""
 
@@ -26,7 +44,7 @@ class FineTuneJob(ApiModel):
     """API version."""
     kind: Literal["FineTuneJob"] = KIND
     """Kind."""
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     """Standard object metadata."""
     spec: FineTuneJobSpec
     """The desired fine-tuning job."""

@@ -3,17 +3,25 @@
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from tunery.api.base import ApiModel
 
-Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionType = Literal[
     "Ready", "Reconciling", "Stalled", "Validated", "Complete", "Failed", "ModelPublished", "Serving"
 ]
+# The status fields the trainer reports; the operator's status patches never name them.
+TRAINER_FIELDS = frozenset({"progress", "metrics", "checkpoints"})
 
 
-class Condition(ApiModel):
+class StatusModel(ApiModel):
+    """A part of the status: built by the operator and the trainer by field name, read from the API by alias."""
+
+    model_config = ConfigDict(**ApiModel.model_config, validate_by_name=True)
+
+
+class Condition(StatusModel):
     """A kstatus condition (the shape of metav1.Condition), read by kubectl wait, Argo CD and Flux."""
 
     type: ConditionType
@@ -30,7 +38,7 @@ class Condition(ApiModel):
     """Human-readable details."""
 
 
-class Progress(ApiModel):
+class Progress(StatusModel):
     """Training progress as reported by the trainer."""
 
     step: int = Field(0, ge=0)
@@ -45,7 +53,7 @@ class Progress(ApiModel):
     """Estimated seconds until training ends."""
 
 
-class CheckpointRecord(ApiModel):
+class CheckpointRecord(StatusModel):
     """A complete checkpoint in storage."""
 
     step: int = Field(ge=0)
@@ -56,7 +64,7 @@ class CheckpointRecord(ApiModel):
     """Validation loss at this step, when evaluated."""
 
 
-class ModelRecord(ApiModel):
+class ModelRecord(StatusModel):
     """The published model."""
 
     uri: str
@@ -65,7 +73,7 @@ class ModelRecord(ApiModel):
     """The name it is served under."""
 
 
-class ServingStatus(ApiModel):
+class ServingStatus(StatusModel):
     """The inference endpoint's state."""
 
     phase: Literal["Deploying", "Ready", "Failed"]
@@ -78,7 +86,7 @@ class ServingStatus(ApiModel):
     """Why the endpoint is not ready yet, or why its rollout failed."""
 
 
-class Failure(ApiModel):
+class Failure(StatusModel):
     """Why the job failed, in terms a user can act on."""
 
     reason: str = Field(max_length=256)
@@ -87,7 +95,7 @@ class Failure(ApiModel):
     """What happened and how to fix it."""
 
 
-class FineTuneJobStatus(ApiModel):
+class FineTuneJobStatus(StatusModel):
     """The observed state of a FineTuneJob."""
 
     phase: Phase = "Pending"

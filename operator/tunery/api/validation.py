@@ -9,7 +9,7 @@ from typing import Any
 import celpy
 from pydantic import BaseModel, ValidationError
 
-from tunery.api.resource import API_VERSION, KIND, MAX_NAME_LENGTH
+from tunery.api.resource import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJob
 from tunery.api.rules import SPEC_RULES, Rule
 from tunery.api.spec import FineTuneJobSpec
 
@@ -27,15 +27,36 @@ class FieldError:
         return f"{self.path}: {self.message}"
 
 
-def validate_manifest(manifest: Any) -> list[FieldError]:
-    """All problems of one FineTuneJob manifest; an empty list means it is valid."""
+@dataclass(frozen=True)
+class Parsed:
+    """A manifest read once: the typed FineTuneJob (its status left out) when it is valid, else every problem."""
+
+    finetunejob: FineTuneJob | None
+    errors: list[FieldError]
+
+
+def parse_manifest(manifest: Any) -> Parsed:
+    """The FineTuneJob a manifest describes, with all its problems; the model only when there are none."""
     if not isinstance(manifest, dict):
-        return [FieldError("(document)", f"expected a Kubernetes object (a mapping), got {type(manifest).__name__}")]
+        return Parsed(
+            None, [FieldError("(document)", f"expected a Kubernetes object (a mapping), got {type(manifest).__name__}")]
+        )
     errors = _check_identity(manifest)
     if "spec" not in manifest:
-        return [*errors, FieldError("spec", "required field is missing; add the spec of the FineTuneJob")]
+        return Parsed(None, [*errors, FieldError("spec", "required field is missing; add the spec of the FineTuneJob")])
     spec, spec_errors = parse_spec(manifest["spec"])
-    return errors + spec_errors if spec is None else errors + check_rules(spec)
+    errors += spec_errors if spec is None else check_rules(spec)
+    if errors or spec is None:
+        return Parsed(None, errors)
+    try:
+        return Parsed(FineTuneJob(metadata=manifest["metadata"], spec=spec), [])
+    except ValidationError as exc:
+        return Parsed(None, [_metadata_error(error) for error in exc.errors(include_url=False)])
+
+
+def validate_manifest(manifest: Any) -> list[FieldError]:
+    """All problems of one FineTuneJob manifest; an empty list means it is valid."""
+    return parse_manifest(manifest).errors
 
 
 def parse_spec(raw_spec: Any) -> tuple[FineTuneJobSpec | None, list[FieldError]]:
@@ -84,6 +105,11 @@ def _check_identity(manifest: dict[str, Any]) -> list[FieldError]:
             )
         )
     return errors
+
+
+def _metadata_error(error: dict[str, Any]) -> FieldError:
+    path = ".".join(str(part) for part in error["loc"])
+    return FieldError(path, f"{error['msg'].replace('Input should be', 'must be')}, got {_shown(error.get('input'))}")
 
 
 def _schema_error(error: dict[str, Any]) -> FieldError:

@@ -5,6 +5,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from tunery.api.status import (
+    TRAINER_FIELDS,
+    Condition,
+    ConditionType,
+    Failure,
+    FineTuneJobStatus,
+    ModelRecord,
+    ServingStatus,
+)
 from tunery.api.validation import FieldError
 
 
@@ -19,7 +28,7 @@ class Observation:
     pods: list[dict[str, Any]] = field(default_factory=list)
     job_warnings: list[dict[str, Any]] = field(default_factory=list)
     queued: bool = False
-    model: dict[str, str] | None = None
+    model: ModelRecord | None = None
     """Where this revision publishes its model ({uri, name}); it becomes status.model once the revision succeeds."""
     serving: "ServingObservation | None" = None
     """The serving Deployment, when spec.serving.enabled and a model has been published."""
@@ -84,95 +93,127 @@ def decide(observation: Observation) -> Verdict:
 
 
 def operator_status(
-    observation: Observation, verdict: Verdict, previous: dict[str, Any], now: datetime
-) -> dict[str, Any]:
-    """The operator-owned status fields for `decide(observation)`; conditions keep their transition time while their status holds."""
+    observation: Observation, verdict: Verdict, previous: FineTuneJobStatus, now: datetime
+) -> FineTuneJobStatus:
+    """The status for `decide(observation)`: the operator's fields computed, the trainer's kept as stored.
+
+    Conditions keep their transition time while their status holds. Built through the status model, so a phase,
+    condition or reason the CRD would refuse fails here, not at the API server.
+    """
     terminal = verdict.phase in ("Succeeded", "Failed")
     serving = serving_status(observation.serving) if observation.serving_enabled and observation.serving else None
-    serving_phase = serving["phase"] if serving else None
-    serving_condition = _serving_condition(observation, serving)
+    serving_phase = serving.phase if serving else None
+    serving_holds, serving_reason, serving_message = _serving_condition(observation, serving)
     # With serving requested, the job is Ready (and done reconciling) only once the endpoint serves its model.
     ready = verdict.phase == "Succeeded" and (not observation.serving_enabled or serving_phase == "Ready")
+    waiting_for_serving = verdict.phase == "Succeeded" and not ready
     ready_reason, ready_message = (
-        (serving_condition[1], serving_condition[2])
-        if verdict.phase == "Succeeded" and not ready
-        else (verdict.reason, verdict.message)
+        (serving_reason, serving_message) if waiting_for_serving else (verdict.reason, verdict.message)
     )
-    wanted = {
-        "Ready": (ready, ready_reason),
-        "Reconciling": (
-            not terminal or (verdict.phase == "Succeeded" and not ready and serving_phase != "Failed"),
-            ready_reason,
-        ),
-        "Stalled": (
-            verdict.phase == "Failed" or serving_phase == "Failed" or observation.child_conflict is not None,
-            verdict.reason,
-        ),
-        "Complete": (verdict.phase == "Succeeded", verdict.reason),
-        "Failed": (verdict.phase == "Failed", verdict.reason),
-    }
-    before = {condition["type"]: condition for condition in previous.get("conditions", [])}
-    conditions = [
-        _condition(
-            before,
-            "Validated",
-            not observation.spec_errors,
-            "InvalidSpec" if observation.spec_errors else "Valid",
-            verdict.message if observation.spec_errors else "",
-            observation.generation,
-            now,
-        )
-    ]
-    for kind, (holds, reason) in wanted.items():
-        message = verdict.message if holds or kind == "Ready" else ""
-        if kind == "Ready" and verdict.phase == "Succeeded" and not ready:
-            message = ready_message
-        if kind == "Stalled" and observation.child_conflict:
-            reason, message = CHILD_CONFLICT, observation.child_conflict
-        elif kind == "Stalled" and serving_phase == "Failed" and verdict.phase != "Failed":
-            reason, message = serving_condition[1], serving_condition[2]
-        conditions.append(_condition(before, kind, holds, reason, message, observation.generation, now))
-    conditions.append(_condition(before, "Serving", *serving_condition, observation.generation, now))
-    job_status = (observation.job or {}).get("status", {})
-    status: dict[str, Any] = {
-        "phase": verdict.phase,
-        "conditions": conditions,
-        "observedGeneration": observation.generation,
-        "revision": observation.revision,
-        "attempts": job_status.get("failed", 0) + job_status.get("succeeded", 0) + job_status.get("active", 0),
-        # The Job controller may record its start after the pods are seen running; the first pod's start stands in.
-        "startTime": job_status.get("startTime") or _first_pod_start(observation.pods),
-        "completionTime": job_status.get("completionTime"),
-        "failure": {"reason": verdict.reason, "message": verdict.message} if verdict.phase == "Failed" else None,
-        "serving": serving,
-    }
+    stalled_reason, stalled_message = verdict.reason, verdict.message if verdict.phase == "Failed" else ""
+    if observation.child_conflict:
+        stalled_reason, stalled_message = CHILD_CONFLICT, observation.child_conflict
+    elif serving_phase == "Failed" and verdict.phase != "Failed":
+        stalled_reason, stalled_message = serving_reason, serving_message
+    model, model_revision = previous.model, previous.model_revision
     # The served model changes only when a revision succeeds; until then the previous one stays in the status.
     if verdict.phase == "Succeeded" and observation.model:
-        status["model"] = observation.model
-        status["modelRevision"] = observation.revision
-    return status
+        model, model_revision = observation.model, observation.revision
+    conditions = _Conditions(previous.conditions, observation.generation, now)
+    conditions.set(
+        "Validated",
+        not observation.spec_errors,
+        "InvalidSpec" if observation.spec_errors else "Valid",
+        verdict.message if observation.spec_errors else "",
+    )
+    conditions.set("Ready", ready, ready_reason, ready_message)
+    reconciling = not terminal or (waiting_for_serving and serving_phase != "Failed")
+    conditions.set("Reconciling", reconciling, ready_reason, verdict.message if reconciling else "")
+    stalled = verdict.phase == "Failed" or serving_phase == "Failed" or observation.child_conflict is not None
+    conditions.set("Stalled", stalled, stalled_reason, stalled_message if stalled else "")
+    conditions.set("Complete", verdict.phase == "Succeeded", verdict.reason, _if(verdict.phase == "Succeeded", verdict))
+    conditions.set("Failed", verdict.phase == "Failed", verdict.reason, _if(verdict.phase == "Failed", verdict))
+    conditions.set(
+        "ModelPublished",
+        model is not None,
+        "Published" if model else "NotPublished",
+        f"revision {model_revision} published its model to {model.uri}"
+        if model
+        else "no revision has published a model yet",
+    )
+    conditions.set("Serving", serving_holds, serving_reason, serving_message)
+    job_status = (observation.job or {}).get("status", {})
+    return FineTuneJobStatus.model_validate(
+        {
+            **previous.model_dump(by_alias=True, include=TRAINER_FIELDS),
+            "phase": verdict.phase,
+            "conditions": conditions.all(),
+            "observedGeneration": observation.generation,
+            "revision": observation.revision,
+            "attempts": job_status.get("failed", 0) + job_status.get("succeeded", 0) + job_status.get("active", 0),
+            # The Job controller may record its start after the pods are seen running; the first pod's start stands in.
+            "startTime": job_status.get("startTime") or _first_pod_start(observation.pods),
+            "completionTime": job_status.get("completionTime"),
+            "failure": Failure(reason=verdict.reason, message=verdict.message) if verdict.phase == "Failed" else None,
+            "model": model,
+            "modelRevision": model_revision,
+            "serving": serving,
+        }
+    )
 
 
-def serving_status(observed: ServingObservation) -> dict[str, Any]:
+def _if(holds: bool, verdict: Verdict) -> str:
+    return verdict.message if holds else ""
+
+
+class _Conditions:
+    """The conditions being set, each keeping its transition time from `before` while its status holds."""
+
+    def __init__(self, before: list[Condition], generation: int, now: datetime) -> None:
+        self._before = {condition.type: condition for condition in before}
+        self._generation = generation
+        self._now = now.replace(microsecond=0)
+        self._set: list[Condition] = []
+
+    def set(self, kind: ConditionType, holds: bool, reason: str, message: str) -> None:
+        status = "True" if holds else "False"
+        earlier = self._before.get(kind)
+        unchanged = earlier is not None and earlier.status == status
+        self._set.append(
+            Condition(
+                type=kind,
+                status=status,
+                observed_generation=self._generation,
+                last_transition_time=earlier.last_transition_time if unchanged else self._now,
+                reason=reason,
+                message=message,
+            )
+        )
+
+    def all(self) -> list[Condition]:
+        return self._set
+
+
+def serving_status(observed: ServingObservation) -> ServingStatus:
     """status.serving: Ready once every replica runs the current template, Failed when the rollout cannot finish."""
     deployment = observed.deployment
     status = deployment.get("status", {})
     wanted_replicas = deployment["spec"].get("replicas", 1)
     ready_replicas = status.get("readyReplicas", 0)
-    result = {"phase": "Deploying", "endpoint": observed.endpoint, "readyReplicas": ready_replicas, "message": ""}
+
+    def result(phase: str, message: str = "") -> ServingStatus:
+        return ServingStatus(phase=phase, endpoint=observed.endpoint, ready_replicas=ready_replicas, message=message)
+
     keeps_serving = "; the ready replicas keep serving the previous model" if ready_replicas else ""
     fetch_failure = _fetch_failure(observed.pods)
     if fetch_failure:
-        return result | {"phase": "Failed", "message": f"{fetch_failure}{keeps_serving}"}
+        return result("Failed", f"{fetch_failure}{keeps_serving}")
     progressing = next((c for c in status.get("conditions", []) if c["type"] == "Progressing"), None)
     if progressing and progressing["status"] == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
         waiting = _waiting_reason(observed.pods)
         cause = f" ({waiting[0]}: {waiting[1]})" if waiting else ""
         deadline = deployment["spec"].get("progressDeadlineSeconds")
-        return result | {
-            "phase": "Failed",
-            "message": f"the new serving pods did not become ready within {deadline}s{cause}{keeps_serving}",
-        }
+        return result("Failed", f"the new serving pods did not become ready within {deadline}s{cause}{keeps_serving}")
     settled = (
         status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 1)
         and status.get("updatedReplicas", 0) == wanted_replicas
@@ -180,24 +221,26 @@ def serving_status(observed: ServingObservation) -> dict[str, Any]:
         and ready_replicas >= wanted_replicas
     )
     if settled:
-        return result | {"phase": "Ready"}
+        return result("Ready")
     waiting = _waiting_reason(observed.pods)
-    message = f"{waiting[0]}: {waiting[1]}" if waiting else f"{ready_replicas} of {wanted_replicas} replicas ready"
-    return result | {"message": message}
+    return result(
+        "Deploying",
+        f"{waiting[0]}: {waiting[1]}" if waiting else f"{ready_replicas} of {wanted_replicas} replicas ready",
+    )
 
 
-def _serving_condition(observation: Observation, serving: dict[str, Any] | None) -> tuple[bool, str, str]:
+def _serving_condition(observation: Observation, serving: ServingStatus | None) -> tuple[bool, str, str]:
     if not observation.serving_enabled:
         return False, "ServingDisabled", "spec.serving.enabled is false"
     if serving is None and observation.child_conflict:
         return False, CHILD_CONFLICT, observation.child_conflict
     if serving is None:
         return False, "WaitingForModel", "the endpoint is deployed once a revision has published its model"
-    if serving["phase"] == "Ready":
-        return True, "Serving", f"serving at {serving['endpoint']}"
-    if serving["phase"] == "Failed":
-        return False, "ServingFailed", serving["message"]
-    return False, "Deploying", serving["message"]
+    if serving.phase == "Ready":
+        return True, "Serving", f"serving at {serving.endpoint}"
+    if serving.phase == "Failed":
+        return False, "ServingFailed", serving.message
+    return False, "Deploying", serving.message
 
 
 def _fetch_failure(pods: list[dict[str, Any]]) -> str | None:
@@ -218,28 +261,14 @@ def _first_pod_start(pods: list[dict[str, Any]]) -> str | None:
     return min((start for start in starts if start), default=None)
 
 
-def _condition(
-    before: dict[str, dict[str, Any]], kind: str, holds: bool, reason: str, message: str, generation: int, now: datetime
-) -> dict[str, Any]:
-    status = "True" if holds else "False"
-    earlier = before.get(kind)
-    unchanged = earlier is not None and earlier["status"] == status
-    return {
-        "type": kind,
-        "status": status,
-        "observedGeneration": generation,
-        "lastTransitionTime": earlier["lastTransitionTime"] if unchanged else now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "reason": reason,
-        "message": message,
-    }
-
-
-def changed_fields(wanted: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+def changed_fields(wanted: FineTuneJobStatus, stored: FineTuneJobStatus) -> dict[str, Any]:
     """The operator's fields that differ from the stored status, as a merge patch (None deletes a field).
 
     The trainer's fields (progress, metrics, checkpoints) are never named, so the patch cannot clobber them.
     """
-    return {key: value for key, value in wanted.items() if previous.get(key) != value}
+    new = wanted.model_dump(by_alias=True, mode="json", exclude=TRAINER_FIELDS)
+    old = stored.model_dump(by_alias=True, mode="json", exclude=TRAINER_FIELDS)
+    return {key: value for key, value in new.items() if old.get(key) != value}
 
 
 def finished_condition(job: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,6 +1,5 @@
-"""Kopf handlers: every watch event about a FineTuneJob, its Jobs, Deployments or pods reconciles that FineTuneJob."""
+"""Kopf handlers: every watch event about a FineTuneJob, its Jobs, Deployments or pods queues that FineTuneJob."""
 
-import asyncio
 import logging
 import secrets
 from typing import Any
@@ -8,13 +7,22 @@ from typing import Any
 import kopf
 from lightkube import AsyncClient
 
-from tunery.api.resource import GROUP, PLURAL, VERSION
+from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL, VERSION, ObjectMeta
 from tunery.controller import decisions
 from tunery.controller.kube import KubeApi
 from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL, MANAGED_BY
 from tunery.controller.reconcile import Reconciler
 from tunery.controller.settings import OperatorSettings
+from tunery.controller.watched import (
+    DEPLOYMENTS_INDEX,
+    JOBS_INDEX,
+    PODS_INDEX,
+    Watched,
+    finetunejob_key,
+    pod_key,
+)
+from tunery.controller.workqueue import WorkQueue
 
 # Kopf does not retry event handlers; a failed reconciliation is retried after these delays, the last repeating.
 RETRY_SECONDS = (1.0, 5.0, 15.0, 60.0)
@@ -22,54 +30,26 @@ RETRY_SECONDS = (1.0, 5.0, 15.0, 60.0)
 logger = logging.getLogger(__name__)
 
 
-def _post_event(body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    kopf.event(body, type=kind, reason=reason, message=message)
-
-
-class _ReconcileScheduler:
-    """Runs reconciliations; retries failures with backoff, and looks again at jobs whose pods have not started.
-
-    A Job whose pods cannot be created changes nothing that is watched, so a starting job is re-checked
-    every `recheck_seconds` until it runs; at most one retry or re-check is pending per FineTuneJob.
-    """
-
-    def __init__(self, reconciler: Reconciler, recheck_seconds: float) -> None:
-        self._reconciler = reconciler
-        self._recheck_seconds = recheck_seconds
-        self._pending: dict[tuple[str, str], asyncio.Task] = {}
-
-    async def __call__(self, namespace: str, name: str, attempt: int = 0) -> None:
-        try:
-            verdict = await self._reconciler.reconcile(namespace, name)
-        except Exception:
-            delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
-            logger.exception("reconciling %s/%s failed; retrying in %.0fs", namespace, name, delay)
-            self._later(delay, namespace, name, attempt + 1)
-            return
-        if verdict is not None and verdict.reason in decisions.STARTING:
-            self._later(self._recheck_seconds, namespace, name, 0)
-
-    def forget(self, namespace: str, name: str) -> None:
-        self._reconciler.metrics.forget(namespace, name)
-
-    def _later(self, delay: float, namespace: str, name: str, attempt: int) -> None:
-        key = (namespace, name)
-        if key in self._pending:
-            return
-
-        async def run() -> None:
-            await asyncio.sleep(delay)
-            del self._pending[key]
-            await self(namespace, name, attempt)
-
-        self._pending[key] = asyncio.create_task(run())
+def _post_event(metadata: ObjectMeta, kind: str, reason: str, message: str) -> None:
+    involved = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": metadata.name, "namespace": metadata.namespace, "uid": metadata.uid},
+    }
+    kopf.event(involved, type=kind, reason=reason, message=message)
 
 
 def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry:
-    """The operator's handlers, registered on a registry of their own (nothing registers at import time)."""
+    """The operator's handlers, registered on a registry of their own (nothing registers at import time).
+
+    Jobs, Deployments and pods are indexed (Kopf fills every index before any handler runs), and every event only
+    queues its FineTuneJob: reconciliations read the indexes, never list.
+    """
     registry = kopf.OperatorRegistry()
     owned = {"app.kubernetes.io/managed-by": MANAGED_BY, FINETUNEJOB_LABEL: kopf.PRESENT}
-    reconcile: dict[str, _ReconcileScheduler] = {}
+    watched = Watched()
+    queue: dict[str, WorkQueue] = {}
+    reconcilers: dict[str, Reconciler] = {}
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -88,27 +68,54 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
         api = KubeApi(AsyncClient(field_manager=FIELD_MANAGER))
         if operator_settings.peering:
             await api.ensure_peering(operator_settings.peering, operator_settings.namespaces)
-        reconciler = Reconciler(api, operator_settings, _post_event, metrics)
-        reconcile["run"] = _ReconcileScheduler(reconciler, operator_settings.pending_recheck_seconds)
+        reconciler = Reconciler(api, watched, operator_settings, _post_event, metrics)
+        reconcilers["run"] = reconciler
+
+        async def work(key: tuple[str, str]) -> float | None:
+            verdict = await reconciler.reconcile(*key)
+            # A Job whose pods cannot be created changes nothing that is watched: it is looked at again.
+            if verdict is not None and verdict.reason in decisions.STARTING:
+                return operator_settings.pending_recheck_seconds
+            return None
+
+        queue["run"] = WorkQueue(work, operator_settings.workers, RETRY_SECONDS)
+
+    @kopf.index("batch", "v1", "jobs", labels=owned, id=JOBS_INDEX, registry=registry)
+    def tunery_jobs(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {finetunejob_key(namespace, labels): dict(body)}
+
+    @kopf.index("apps", "v1", "deployments", labels=owned, id=DEPLOYMENTS_INDEX, registry=registry)
+    def tunery_deployments(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {finetunejob_key(namespace, labels): dict(body)}
+
+    @kopf.index("", "v1", "pods", labels=owned, id=PODS_INDEX, registry=registry)
+    def tunery_pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        key = pod_key(namespace, labels)
+        return {key: dict(body)} if key else None
+
+    def changed(namespace: str, name: str, indexes: dict[str, Any]) -> None:
+        watched.attach({index: indexes[index] for index in (JOBS_INDEX, PODS_INDEX, DEPLOYMENTS_INDEX)})
+        queue["run"].add((namespace, name))
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def finetunejob_changed(type: str, namespace: str, name: str, **_: Any) -> None:
+    async def finetunejob_changed(type: str, namespace: str, name: str, **kwargs: Any) -> None:
         if type == "DELETED":
-            reconcile["run"].forget(namespace, name)
+            queue["run"].forget((namespace, name))
+            reconcilers["run"].metrics.forget(namespace, name)
         else:
-            await reconcile["run"](namespace, name)
+            changed(namespace, name, kwargs)
 
     @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)
-    async def job_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
-        await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
+    async def job_changed(namespace: str, labels: dict[str, str], **kwargs: Any) -> None:
+        changed(namespace, labels[FINETUNEJOB_LABEL], kwargs)
 
     @kopf.on.event("apps", "v1", "deployments", labels=owned, registry=registry)
-    async def deployment_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
-        await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
+    async def deployment_changed(namespace: str, labels: dict[str, str], **kwargs: Any) -> None:
+        changed(namespace, labels[FINETUNEJOB_LABEL], kwargs)
 
     @kopf.on.event("", "v1", "pods", labels=owned, registry=registry)
-    async def pod_changed(namespace: str, labels: dict[str, str], **_: Any) -> None:
-        await reconcile["run"](namespace, labels[FINETUNEJOB_LABEL])
+    async def pod_changed(namespace: str, labels: dict[str, str], **kwargs: Any) -> None:
+        changed(namespace, labels[FINETUNEJOB_LABEL], kwargs)
 
     return registry
 

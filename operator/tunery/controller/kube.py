@@ -1,5 +1,9 @@
 """API I/O for the operator: read FineTuneJobs and their children, server-side apply, patch status."""
 
+import hashlib
+import json
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from lightkube import AsyncClient, codecs
@@ -7,17 +11,40 @@ from lightkube.core.exceptions import ApiError
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.batch_v1 import Job
-from lightkube.resources.core_v1 import Event, Pod, Service
+from lightkube.resources.core_v1 import Event, Service
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import CascadeType, PatchType
 
 from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
-from tunery.controller.naming import FIELD_MANAGER, FINETUNEJOB_LABEL
+from tunery.controller.naming import FIELD_MANAGER
 
 FineTuneJobResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
 # Registering Kopf's peering kinds lets codecs.from_dict build them for apply.
 create_namespaced_resource("kopf.dev", "v1", "KopfPeering", "kopfpeerings")
 create_global_resource("kopf.dev", "v1", "ClusterKopfPeering", "clusterkopfpeerings")
+
+
+# A child that is not watched is applied again after this long even if unchanged, so that one deleted or edited by
+# hand is put back.
+REAPPLY_SECONDS = 600.0
+# Tells unchanged() that the caller has no stored copy (the kind is not watched).
+UNWATCHED = object()
+
+
+@dataclass(frozen=True)
+class _Applied:
+    digest: str
+    generation: int | None
+    at: float
+
+
+def _identity(manifest: dict[str, Any]) -> tuple[str, str, str, str]:
+    metadata = manifest["metadata"]
+    return (manifest["apiVersion"], manifest["kind"], metadata.get("namespace", ""), metadata["name"])
+
+
+def _digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class NotOwned(Exception):
@@ -39,26 +66,44 @@ class KubeApi:
 
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
+        self._applied: dict[tuple[str, str, str, str], _Applied] = {}
+
+    def unchanged(self, manifest: dict[str, Any], stored: Any = UNWATCHED) -> bool:
+        """Whether applying `manifest` would change nothing: this operator applied exactly it, and since then the
+        stored object (as watched) has kept its spec, or, for a kind not watched, not long ago."""
+        applied = self._applied.get(_identity(manifest))
+        if applied is None or applied.digest != _digest(manifest):
+            return False
+        if stored is UNWATCHED:
+            return time.monotonic() - applied.at < REAPPLY_SECONDS
+        return stored is not None and stored["metadata"].get("generation") == applied.generation
 
     async def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(FineTuneJobResource, namespace, name)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply under the operator's field manager (taking over fields is intended); the object as stored."""
-        applied = await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
-        return applied.to_dict()
+        applied = (
+            await self._client.apply(codecs.from_dict(manifest), field_manager=FIELD_MANAGER, force=True)
+        ).to_dict()
+        generation = applied["metadata"].get("generation")
+        self._applied[_identity(manifest)] = _Applied(_digest(manifest), generation, time.monotonic())
+        return applied
 
-    async def apply_owned(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def apply_owned(self, manifest: dict[str, Any]) -> None:
         """Apply a child only where its name is free or already carries the owner's UID; NotOwned otherwise.
 
         An object created by someone else between the read and the apply is taken over, but only one that did not
-        exist when looked at: nothing that anyone had before is ever changed.
+        exist when looked at: nothing that anyone had before is ever changed. One applied unchanged a moment ago
+        is neither read nor applied again.
         """
+        if self.unchanged(manifest):
+            return
         metadata = manifest["metadata"]
         existing = await self._get_or_none(type(codecs.from_dict(manifest)), metadata["namespace"], metadata["name"])
         if existing is not None and not owned_by(existing, metadata["ownerReferences"][0]["uid"]):
             raise NotOwned(manifest["kind"], metadata["namespace"], metadata["name"])
-        return await self.apply(manifest)
+        await self.apply(manifest)
 
     async def ensure_peering(self, name: str, namespaces: list[str]) -> None:
         """The peering objects replicas announce themselves in: one per watched namespace, or one for the cluster."""
@@ -75,6 +120,9 @@ class KubeApi:
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(Job, namespace, name)
 
+    async def get_deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get_or_none(Deployment, namespace, name)
+
     async def _get_or_none(self, resource: Any, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return (await self._client.get(resource, name, namespace=namespace)).to_dict()
@@ -82,10 +130,6 @@ class KubeApi:
             if exc.status.code == 404:
                 return None
             raise
-
-    async def list_jobs(self, namespace: str, finetunejob: str) -> list[dict[str, Any]]:
-        jobs = self._client.list(Job, namespace=namespace, labels={FINETUNEJOB_LABEL: finetunejob})
-        return [job.to_dict() async for job in jobs]
 
     async def set_job_suspended(self, namespace: str, name: str, suspend: bool) -> dict[str, Any]:
         """Suspend or resume a Job without touching its (immutable) pod template."""
@@ -99,14 +143,6 @@ class KubeApi:
         never trains beside them."""
         cascade = CascadeType.FOREGROUND if wait_for_pods else CascadeType.BACKGROUND
         await self._client.delete(Job, name, namespace=namespace, cascade=cascade)
-
-    async def list_pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
-        pods = self._client.list(Pod, namespace=namespace, labels={"batch.kubernetes.io/job-name": job_name})
-        return [pod.to_dict() async for pod in pods]
-
-    async def list_serving_pods(self, namespace: str, finetunejob: str) -> list[dict[str, Any]]:
-        labels = {FINETUNEJOB_LABEL: finetunejob, "app.kubernetes.io/component": "serving"}
-        return [pod.to_dict() async for pod in self._client.list(Pod, namespace=namespace, labels=labels)]
 
     async def delete_serving(self, namespace: str, name: str, owner_uid: str) -> bool:
         """Delete the serving Deployment, Service and NetworkPolicy that this owner owns; whether any was deleted."""

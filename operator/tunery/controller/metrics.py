@@ -4,12 +4,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended")
+from tunery.api.status import Phase
+
+PHASES = get_args(Phase)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from typing import Any
 
 from tunery.api.policy import Policy
-from tunery.api.spec import FineTuneJobSpec
+from tunery.api.resource import FineTuneJob
+from tunery.api.status import ModelRecord
 from tunery.controller import naming
 from tunery.controller.render import render_training_children, training_target
 from tunery.controller.serving import render_serving_children, serving_target
@@ -13,17 +14,16 @@ from tunery.controller.settings import OperatorSettings
 PREVIEW_UID = "00000000-0000-0000-0000-000000000000"
 
 
-def preview(manifest: dict[str, Any], settings: OperatorSettings, policy: Policy) -> list[dict[str, Any]]:
-    """The children of a manifest that validate_for_cluster accepts, in the order the operator applies them."""
-    metadata = manifest["metadata"]
-    identity = {"name": metadata["name"], "namespace": metadata.get("namespace") or "default", "uid": PREVIEW_UID}
-    spec = FineTuneJobSpec.model_validate(manifest["spec"])
-    target = training_target(
-        {**metadata, **identity}, spec, naming.revision(spec), spec.image or settings.trainer_image
+def preview(finetunejob: FineTuneJob, settings: OperatorSettings, policy: Policy) -> list[dict[str, Any]]:
+    """The children of a FineTuneJob that parse_for_cluster accepted, in the order the operator applies them."""
+    metadata = finetunejob.metadata.model_copy(
+        update={"namespace": finetunejob.metadata.namespace or "default", "uid": PREVIEW_UID}
     )
+    finetunejob = finetunejob.model_copy(update={"metadata": metadata})
+    spec = finetunejob.spec
+    target = training_target(finetunejob, naming.revision(spec), spec.image or settings.trainer_image)
     children = render_training_children(target)
     if spec.serving.enabled:
-        model = {"uri": target.output_prefix, "name": spec.output.name or target.name}
-        serving = serving_target(identity, spec, model, target.revision, settings, policy)
-        children += render_serving_children(serving)
+        model = ModelRecord(uri=target.output_prefix, name=spec.output.name or target.name)
+        children += render_serving_children(serving_target(finetunejob, model, target.revision, settings, policy))
     return children

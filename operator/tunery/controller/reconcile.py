@@ -1,164 +1,210 @@
 """Reconcile one FineTuneJob: validate, apply its revision's children, observe them, patch the status if it changed."""
 
-import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from tunery.api.policy import Policy, validate_for_cluster
-from tunery.api.spec import FineTuneJobSpec
+from pydantic import ValidationError
+
+from tunery.api.policy import Policy, parse_for_cluster
+from tunery.api.resource import FineTuneJob, ObjectMeta
+from tunery.api.status import FineTuneJobStatus, ModelRecord
 from tunery.controller import decisions, naming
 from tunery.controller.kube import KubeApi, NotOwned, owned_by
 from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.render import TrainingTarget, render_training_children, training_target
 from tunery.controller.serving import render_serving_children, serving_target
 from tunery.controller.settings import OperatorSettings
+from tunery.controller.watched import Watched
 
-# Posts a Kubernetes Event about a FineTuneJob: (body, type, reason, message).
-EventPoster = Callable[[dict[str, Any], str, str, str], None]
+# Posts a Kubernetes Event about a FineTuneJob: (metadata, type, reason, message).
+EventPoster = Callable[[ObjectMeta, str, str, str], None]
+# The Job controller reports pods it could not create only in Events; they are read once it has had time to try.
+_PODS_EXPECTED_SECONDS = 10.0
 
 logger = logging.getLogger(__name__)
 
 
 class Reconciler:
-    """Level-triggered reconciliation; one FineTuneJob at a time, however many watch events point at it."""
+    """Level-triggered reconciliation of one FineTuneJob from its stored state and its watched children."""
 
     def __init__(
-        self, api: KubeApi, settings: OperatorSettings, post_event: EventPoster, metrics: OperatorMetrics
+        self,
+        api: KubeApi,
+        watched: Watched,
+        settings: OperatorSettings,
+        post_event: EventPoster,
+        metrics: OperatorMetrics,
     ) -> None:
         self._api = api
+        self._watched = watched
         self._settings = settings
         self._policy: Policy = settings.policy()
         self._post_event = post_event
         self.metrics = metrics
-        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        # FineTuneJobs (by UID) whose serving children were found removed; not looked for again while disabled.
+        self._serving_removed: set[str] = set()
 
     async def reconcile(self, namespace: str, name: str) -> decisions.Verdict | None:
         """Reconcile and return the verdict (None once the FineTuneJob is gone)."""
-        async with self._locks[(namespace, name)]:
-            with self.metrics.reconciling():
-                return await self._reconcile(namespace, name)
+        with self.metrics.reconciling():
+            return await self._reconcile(namespace, name)
 
     async def _reconcile(self, namespace: str, name: str) -> decisions.Verdict | None:
         body = await self._api.get_finetunejob(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.metrics.forget(namespace, name)
             return None
-        observation = await self._observe(body)
-        previous = body.get("status") or {}
+        metadata = ObjectMeta.model_validate(body["metadata"])
+        stored = _stored_status(body, metadata)
+        parsed = parse_for_cluster({key: value for key, value in body.items() if key != "status"}, self._policy)
+        finetunejob = parsed.finetunejob
+        if finetunejob is None:
+            observation = decisions.Observation(metadata.generation, revision="", spec_errors=parsed.errors)
+        else:
+            observation = await self._observe(finetunejob, stored)
         now = datetime.now(UTC)
         verdict = decisions.decide(observation)
-        observation = await self._serve(body, observation, verdict, previous)
-        wanted = decisions.operator_status(observation, verdict, previous, now)
-        patch = decisions.changed_fields(wanted, previous)
+        if finetunejob is not None:
+            observation = await self._serve(finetunejob, observation, verdict, stored)
+        wanted = decisions.operator_status(observation, verdict, stored, now)
+        patch = decisions.changed_fields(wanted, stored)
         if patch:
             await self._api.patch_status(namespace, name, patch)
-        self._record(body, wanted, previous.get("phase"), now)
+        previous_phase = stored.phase if "phase" in stored.model_fields_set else None
+        self._record(metadata, finetunejob, wanted, previous_phase, now)
         if observation.child_conflict:
             verdict = decisions.Verdict(verdict.phase, decisions.CHILD_CONFLICT, observation.child_conflict)
-        if wanted["phase"] != previous.get("phase") or _reason(previous) != verdict.reason:
-            self._post_event(body, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
+        if wanted.phase != previous_phase or _ready_reason(stored) != verdict.reason:
+            self._post_event(metadata, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
         return verdict
 
-    def _record(self, body: dict[str, Any], wanted: dict[str, Any], previous_phase: str | None, now: datetime) -> None:
-        phase = wanted["phase"]
-        resources = body["spec"].get("resources") or {}
-        gpus = int(resources.get("gpus", 0)) * int(resources.get("nodes", 1))
-        metadata = body["metadata"]
-        self.metrics.observe_phase(metadata["namespace"], metadata["name"], phase, previous_phase, gpus)
+    def _record(
+        self,
+        metadata: ObjectMeta,
+        finetunejob: FineTuneJob | None,
+        wanted: FineTuneJobStatus,
+        previous_phase: str | None,
+        now: datetime,
+    ) -> None:
+        phase = wanted.phase
+        resources = finetunejob.spec.resources if finetunejob else None
+        gpus = resources.gpus * resources.nodes if resources else 0
+        self.metrics.observe_phase(metadata.namespace, metadata.name, phase, previous_phase, gpus)
         if phase == previous_phase:
             return
-        if phase == "Running":
-            self.metrics.queue_wait.observe((now - _timestamp(metadata["creationTimestamp"])).total_seconds())
-        if phase in ("Succeeded", "Failed") and wanted.get("startTime") and wanted.get("completionTime"):
-            duration = _timestamp(wanted["completionTime"]) - _timestamp(wanted["startTime"])
+        if phase == "Running" and metadata.creation_timestamp:
+            self.metrics.queue_wait.observe((now - metadata.creation_timestamp).total_seconds())
+        if phase in ("Succeeded", "Failed") and wanted.start_time and wanted.completion_time:
+            duration = wanted.completion_time - wanted.start_time
             self.metrics.job_duration.labels(outcome=phase).observe(duration.total_seconds())
 
-    async def _observe(self, body: dict[str, Any]) -> decisions.Observation:
-        metadata = body["metadata"]
-        generation = metadata.get("generation", 1)
-        errors = validate_for_cluster(_without_status(body), self._policy)
-        if errors:
-            return decisions.Observation(generation, revision="", spec_errors=errors)
-        spec = FineTuneJobSpec.model_validate(body["spec"])
-        revision = naming.revision(spec, (body.get("status") or {}).get("revision"))
-        target = training_target(metadata, spec, revision, spec.image or self._settings.trainer_image)
-        existing = await self._api.get_job(target.namespace, target.job_name)
+    async def _observe(self, finetunejob: FineTuneJob, stored: FineTuneJobStatus) -> decisions.Observation:
+        spec, generation = finetunejob.spec, finetunejob.metadata.generation
+        revision = naming.revision(spec, stored.revision or None)
+        target = training_target(finetunejob, revision, spec.image or self._settings.trainer_image)
         try:
-            applied = [
-                await self._apply_training_child(child, existing, target) for child in render_training_children(target)
-            ]
+            for child in render_training_children(target):
+                job = await self._apply_training_child(child, target)
         except NotOwned as conflict:
             return decisions.Observation(generation, revision, child_conflict=str(conflict))
-        job = applied[-1]
         await self._stop_stale_revisions(target)
-        pods = await self._api.list_pods(target.namespace, target.job_name)
-        warnings = [] if pods or job is None else await self._api.list_job_warnings(target.namespace, target.job_name)
-        model = {"uri": target.output_prefix, "name": spec.output.name or target.name}
+        pods = self._watched.training_pods(target.namespace, target.job_name)
         return decisions.Observation(
             generation,
             revision,
             job=job,
             pods=pods,
-            job_warnings=warnings,
+            job_warnings=await self._job_warnings(job, pods, target),
             queued=target.queue_name is not None,
-            model=model,
+            model=ModelRecord(uri=target.output_prefix, name=spec.output.name or target.name),
         )
+
+    async def _job_warnings(
+        self, job: dict[str, Any] | None, pods: list[dict[str, Any]], target: TrainingTarget
+    ) -> list[dict[str, Any]]:
+        """The Job's Warning Events, read only when it has had time to create pods and has none."""
+        if pods or job is None or job["spec"].get("suspend"):
+            return []
+        created = job["metadata"].get("creationTimestamp")
+        if created and (datetime.now(UTC) - _timestamp(created)).total_seconds() < _PODS_EXPECTED_SECONDS:
+            return []
+        return await self._api.list_job_warnings(target.namespace, target.job_name)
 
     async def _serve(
         self,
-        body: dict[str, Any],
+        finetunejob: FineTuneJob,
         observation: decisions.Observation,
         verdict: decisions.Verdict,
-        previous: dict[str, Any],
+        stored: FineTuneJobStatus,
     ) -> decisions.Observation:
         """Serve the latest successful revision's model; a running or failed revision leaves the served one alone."""
-        metadata = body["metadata"]
-        namespace, name = metadata["namespace"], metadata["name"]
-        if observation.spec_errors:
-            return observation
-        spec = FineTuneJobSpec.model_validate(body["spec"])
+        metadata, spec = finetunejob.metadata, finetunejob.spec
+        namespace, name, uid = metadata.namespace, metadata.name, metadata.uid
         if observation.child_conflict:
             return replace(observation, serving_enabled=spec.serving.enabled)
         if not spec.serving.enabled:
-            if await self._api.delete_serving(namespace, naming.serving_name(name), metadata["uid"]):
-                logger.info("removed the serving Deployment of %s/%s: spec.serving.enabled is false", namespace, name)
+            await self._remove_serving(namespace, name, uid)
             return observation
+        self._serving_removed.discard(uid)
         if verdict.phase == "Succeeded" and observation.model:
             model, model_revision = observation.model, observation.revision
         else:
-            model, model_revision = previous.get("model"), previous.get("modelRevision")
+            model, model_revision = stored.model, stored.model_revision
         if not model or not model_revision:
             return replace(observation, serving_enabled=True)
-        target = serving_target(metadata, spec, model, model_revision, self._settings, self._policy)
+        target = serving_target(finetunejob, model, model_revision, self._settings, self._policy)
         try:
-            applied = [await self._api.apply_owned(child) for child in render_serving_children(target)]
+            for child in render_serving_children(target):
+                if child["kind"] == "Deployment":
+                    deployment = await self._apply_deployment(child, namespace, name, uid)
+                else:
+                    await self._api.apply_owned(child)
         except NotOwned as conflict:
             return replace(observation, serving_enabled=True, child_conflict=str(conflict))
-        deployment = next(child for child in applied if child["kind"] == "Deployment")
-        pods = await self._api.list_serving_pods(namespace, name)
-        serving = decisions.ServingObservation(deployment, pods, target.endpoint)
+        serving = decisions.ServingObservation(deployment, self._watched.serving_pods(namespace, name), target.endpoint)
         return replace(observation, serving_enabled=True, serving=serving)
 
-    async def _apply_training_child(
-        self, child: dict[str, Any], existing_job: dict[str, Any] | None, target: TrainingTarget
-    ) -> dict[str, Any] | None:
+    async def _remove_serving(self, namespace: str, name: str, uid: str) -> None:
+        serving_name = naming.serving_name(name)
+        if uid in self._serving_removed and self._watched.deployment(namespace, name, serving_name) is None:
+            return
+        if await self._api.delete_serving(namespace, serving_name, uid):
+            logger.info("removed the serving Deployment of %s/%s: spec.serving.enabled is false", namespace, name)
+        self._serving_removed.add(uid)
+
+    async def _apply_deployment(self, child: dict[str, Any], namespace: str, name: str, uid: str) -> dict[str, Any]:
+        deployment_name = child["metadata"]["name"]
+        stored = self._watched.deployment(namespace, name, deployment_name) or await self._api.get_deployment(
+            namespace, deployment_name
+        )
+        if stored is not None and not owned_by(stored, uid):
+            raise NotOwned("Deployment", namespace, deployment_name)
+        if stored is not None and self._api.unchanged(child, stored):
+            return stored
+        return await self._api.apply(child)
+
+    async def _apply_training_child(self, child: dict[str, Any], target: TrainingTarget) -> dict[str, Any] | None:
         """Apply a child. Pod templates are immutable, so a Job rendered otherwise is handled apart: one whose
         storage settings changed is replaced while unfinished (the new pods resume from its checkpoints; None while
         the old pods go), any other (an older operator, another trainer image) keeps its template and only has
         spec.suspend brought in line."""
         if child["kind"] != "Job":
-            return await self._api.apply_owned(child)
-        # The Job was read already: its ownership is checked here rather than read again.
+            await self._api.apply_owned(child)
+            return None
+        existing_job = self._watched.job(target.namespace, target.name, target.job_name) or await self._api.get_job(
+            target.namespace, target.job_name
+        )
         if existing_job is None:
             return await self._api.apply(child)
         if not owned_by(existing_job, target.uid):
             raise NotOwned("Job", target.namespace, target.job_name)
         if existing_job["metadata"].get("deletionTimestamp"):
             return None
+        if self._api.unchanged(child, existing_job):
+            return existing_job
         have = existing_job["metadata"].get("annotations") or {}
         want = child["metadata"]["annotations"]
         if have.get(naming.TEMPLATE_HASH_ANNOTATION) == want[naming.TEMPLATE_HASH_ANNOTATION]:
@@ -175,27 +221,36 @@ class Reconciler:
 
     async def _stop_stale_revisions(self, target: TrainingTarget) -> None:
         """A new revision replaces the old one: its unfinished Job is stopped (its checkpoints stay in storage)."""
-        for job in await self._api.list_jobs(target.namespace, target.name):
+        for job in self._watched.jobs(target.namespace, target.name):
             stale = job["metadata"]["labels"].get(naming.REVISION_LABEL) != target.revision
             # Anyone who may label a Job could point it at this FineTuneJob: only its own Jobs are stopped.
-            if stale and owned_by(job, target.uid) and decisions.finished_condition(job) is None:
+            if (
+                stale
+                and owned_by(job, target.uid)
+                and not job["metadata"].get("deletionTimestamp")
+                and decisions.finished_condition(job) is None
+            ):
                 logger.info("stopping Job %s of a superseded revision", job["metadata"]["name"])
                 await self._api.delete_job(target.namespace, job["metadata"]["name"])
+
+
+def _stored_status(body: dict[str, Any], metadata: ObjectMeta) -> FineTuneJobStatus:
+    """The stored status as a model; one the model refuses (written by a hostile trainer image) counts as none."""
+    try:
+        return FineTuneJobStatus.model_validate(body.get("status") or {})
+    except ValidationError as exc:
+        logger.warning("%s/%s: ignoring a status that is not valid: %s", metadata.namespace, metadata.name, exc)
+        return FineTuneJobStatus()
 
 
 def _timestamp(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def _reason(status: dict[str, Any]) -> str | None:
-    ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
-    return ready["reason"] if ready else None
+def _ready_reason(status: FineTuneJobStatus) -> str | None:
+    return next((condition.reason for condition in status.conditions if condition.type == "Ready"), None)
 
 
 def _event_type(verdict: decisions.Verdict) -> str:
     troubled = verdict.phase == "Failed" or verdict.reason in (*decisions.WAITING_PROBLEMS, decisions.CHILD_CONFLICT)
     return "Warning" if troubled else "Normal"
-
-
-def _without_status(body: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in body.items() if key != "status"}

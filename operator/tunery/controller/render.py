@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunery.api import contract
-from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL
+from tunery.api.resource import API_VERSION, GROUP, KIND, PLURAL, FineTuneJob
 from tunery.api.spec import FineTuneJobSpec
 from tunery.api.trainer_config import TrainerConfig
 from tunery.controller import naming
@@ -39,16 +39,17 @@ class TrainingTarget:
         return self.spec.resources.nodes > 1 or self.spec.resources.gpus > 1
 
 
-def training_target(metadata: dict[str, Any], spec: FineTuneJobSpec, revision: str, image: str) -> TrainingTarget:
-    """A revision of the FineTuneJob with this metadata; a Kueue queue label is passed on."""
+def training_target(finetunejob: FineTuneJob, revision: str, image: str) -> TrainingTarget:
+    """A revision of the FineTuneJob; a Kueue queue label is passed on."""
+    metadata = finetunejob.metadata
     return TrainingTarget(
-        name=metadata["name"],
-        namespace=metadata["namespace"],
-        uid=metadata["uid"],
-        spec=spec,
+        name=metadata.name,
+        namespace=metadata.namespace,
+        uid=metadata.uid,
+        spec=finetunejob.spec,
         revision=revision,
         image=image,
-        queue_name=(metadata.get("labels") or {}).get(naming.KUEUE_QUEUE_LABEL),
+        queue_name=metadata.labels.get(naming.KUEUE_QUEUE_LABEL),
     )
 
 

@@ -6,7 +6,9 @@ from typing import Any
 
 from tunery.api import contract
 from tunery.api.policy import Policy
+from tunery.api.resource import FineTuneJob
 from tunery.api.spec import FineTuneJobSpec
+from tunery.api.status import ModelRecord
 from tunery.controller import naming
 from tunery.controller.claims import ClaimMounts, claim_mounts
 from tunery.controller.render import (
@@ -53,22 +55,18 @@ class ServingTarget:
 
 
 def serving_target(
-    metadata: dict[str, Any],
-    spec: FineTuneJobSpec,
-    model: dict[str, str],
-    model_revision: str,
-    settings: OperatorSettings,
-    policy: Policy,
+    finetunejob: FineTuneJob, model: ModelRecord, model_revision: str, settings: OperatorSettings, policy: Policy
 ) -> ServingTarget:
-    """The target that serves `model` ({uri, name}) of the FineTuneJob with this metadata."""
+    """The target that serves `model` of the FineTuneJob."""
+    metadata, spec = finetunejob.metadata, finetunejob.spec
     return ServingTarget(
-        name=metadata["name"],
-        namespace=metadata["namespace"],
-        uid=metadata["uid"],
+        name=metadata.name,
+        namespace=metadata.namespace,
+        uid=metadata.uid,
         spec=spec,
-        model_uri=model["uri"],
+        model_uri=model.uri,
         model_revision=model_revision,
-        model_name=model["name"],
+        model_name=model.name,
         image=spec.image or settings.trainer_image,
         vllm_image=settings.vllm_image,
         progress_deadline_seconds=settings.serving_progress_deadline_seconds,
