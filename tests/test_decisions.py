@@ -1,8 +1,9 @@
 """Status decisions: the phase, conditions and failure reasons computed from observed Jobs and pods."""
 
 from datetime import UTC, datetime, timedelta
+from typing import get_args
 
-from tunery.api.status import FineTuneJobStatus, ModelRecord, ServingStatus
+from tunery.api.status import ConditionType, FineTuneJobStatus, ModelRecord, Phase, ServingStatus
 from tunery.api.validation import FieldError
 from tunery.controller.decisions import (
     Observation,
@@ -264,3 +265,26 @@ def test_ready_waits_for_the_endpoint_when_serving_is_enabled() -> None:
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Ready"]["status"] == "True" and conditions["Serving"]["status"] == "True"
     assert conditions["Reconciling"]["status"] == "False" and status["serving"]["endpoint"] == ENDPOINT
+
+
+def test_every_declared_phase_and_condition_is_produced() -> None:
+    """The CRD declares the phases and condition types; each is reachable, so none is decoration."""
+    model = ModelRecord(uri="s3://models/out/chat/1234abcd/", name="chat")
+    succeeded = job(("Complete", "Completed", ""))
+    observations = [
+        observe(spec_errors=[FieldError("spec.resources.gpus", "qlora needs a GPU")]),
+        observe(),
+        observe(job=job(suspend=True), queued=True),
+        observe(job=job(suspend=True)),
+        observe(job=job(), pods=[pod("Running")]),
+        observe(job=succeeded, model=model),
+        observe(job=job(("Failed", "BackoffLimitExceeded", "too many retries"))),
+    ]
+    statuses = [status_of(observation, {}, NOW) for observation in observations]
+    assert {status["phase"] for status in statuses} == set(get_args(Phase))
+    holding = {c["type"] for status in statuses for c in status["conditions"] if c["status"] == "True"}
+    ready = deployment(replicas=1, updatedReplicas=1, readyReplicas=1)
+    ready["status"]["replicas"] = 1
+    served = status_of(observe(job=succeeded, model=model, serving_enabled=True, serving=serving(ready)), {}, NOW)
+    holding |= {c["type"] for c in served["conditions"] if c["status"] == "True"}
+    assert holding == set(get_args(ConditionType))
