@@ -170,3 +170,34 @@ def test_checkpoints_of_another_finetunejob_are_not_resumed(
     run(owned_config(tmp_path, base, data, second), tmp_path / "work")
     assert f"{config.checkpoint_uri}step-00000020/: it records no FineTuneJob UID" in caplog.text
     assert f"resuming from {config.checkpoint_uri}step-00000010/ at step 10" in caplog.text
+
+
+def test_a_resumed_run_reports_the_stored_checkpoints_before_its_first_step(
+    tmp_path: Path, inputs: tuple[Path, Path]
+) -> None:
+    """status.checkpoints is read from storage: a retried pod lists the complete ones at once, no half-written one."""
+    from tunery_trainer.job import run
+    from tunery_trainer.progress import ProgressReporter, StatusEndpoint
+
+    def reporter(sent: list[dict]) -> ProgressReporter:
+        endpoint = StatusEndpoint("https://127.0.0.1:6443", "token", None, "default", "owned")
+        return ProgressReporter(endpoint, min_interval_s=0, send=lambda _, body: sent.append(body["status"]))
+
+    base, data = inputs
+    config = owned_config(tmp_path, base, data, str(uuid.uuid4()))
+    checkpoints = Path(config.checkpoint_uri.removeprefix("file://"))
+    first: list[dict] = []
+    run(config, tmp_path / "work", status=reporter(first))
+    assert "checkpoints" not in first[0]
+    step_10, _ = first[-1]["checkpoints"]
+    assert step_10["step"] == 10 and step_10["uri"] == f"{config.checkpoint_uri}step-00000010/"
+    # The pod died while step 20 was being written: its files are there, its manifest is not.
+    (checkpoints / "step-00000020" / MANIFEST).unlink()
+
+    retried: list[dict] = []
+    outcome = run(config, tmp_path / "work", status=reporter(retried))
+    assert retried[0]["progress"]["step"] == 10 and retried[0]["checkpoints"] == [step_10]
+    assert retried[1]["progress"]["step"] == 11
+    eval_loss = dict(outcome.progress.eval_history)[20]["evalLoss"]
+    step_20 = {"step": 20, "uri": f"{config.checkpoint_uri}step-00000020/", "evalLoss": eval_loss}
+    assert retried[-1]["checkpoints"] == [step_10, step_20]

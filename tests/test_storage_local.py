@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tunery_trainer.checkpoints import Owner, latest
+from tunery_trainer.checkpoints import Owner, stored
 from tunery_trainer.storage import MANIFEST_NAME, Location, S3Settings, Storage, StorageError, download_from_hub
 
 
@@ -138,7 +138,7 @@ def test_empty_checkpoint_prefixes_are_skipped_quietly(storage: Storage, tmp_pat
     (root / "step-00000006").mkdir()
     (root / "step-00000006" / "trainable.safetensors").write_bytes(b"half")
     caplog.set_level("INFO", logger="tunery_trainer.checkpoints")
-    assert latest(storage, f"file://{root}/", "rev", Owner("uid-1")) is None
+    assert stored(storage, f"file://{root}/", "rev", Owner("uid-1")) == []
     assert "step-00000006" in caplog.text and "step-00000003" not in caplog.text
 
 

@@ -74,7 +74,7 @@ def test_training_state_round_trips_as_weights_only(tmp_path: Path, optimizer: s
         "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
     }
     storage = Storage(S3Settings())
-    uri = checkpoints.save(
+    (kept,) = checkpoints.save(
         storage,
         f"file://{tmp_path}/checkpoints/",
         tmp_path / "work",
@@ -84,7 +84,7 @@ def test_training_state_round_trips_as_weights_only(tmp_path: Path, optimizer: s
         keep=1,
         owner=checkpoints.Owner("uid-1"),
     )
-    _, weights, loaded = checkpoints.load(storage, uri, tmp_path / "work")
+    _, weights, loaded = checkpoints.load(storage, kept.uri, tmp_path / "work")
     assert same(loaded, state) and torch.equal(weights["weight"], parameter.detach())
 
 

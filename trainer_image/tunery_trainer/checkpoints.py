@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunery.api.status import CheckpointRecord
 from tunery_trainer import disk
 from tunery_trainer.storage import Storage, StorageError
 
@@ -20,6 +21,7 @@ WEIGHTS = "trainable.safetensors"
 STATE = "state.json"
 TRAINING_STATE = "optimizer.pt"
 UID_KEY = "finetuneJobUid"
+EVAL_LOSS_KEY = "evalLoss"
 
 
 @dataclass
@@ -66,8 +68,9 @@ def save(
     training_state: dict[str, Any],
     keep: int,
     owner: Owner,
-) -> str:
-    """Publish one checkpoint (manifest last), then drop all but the `keep` newest complete ones."""
+) -> list[CheckpointRecord]:
+    """Publish one checkpoint (manifest last), drop all but the `keep` newest complete ones, and return those kept,
+    oldest first (so the new one last), as `stored` would list them."""
     local = workdir / "checkpoint"
     shutil.rmtree(local, ignore_errors=True)
     uri = checkpoint_uri + checkpoint_name(progress.step)
@@ -76,13 +79,18 @@ def save(
         save_file({name: tensor.detach().to("cpu").contiguous() for name, tensor in trainable.items()}, local / WEIGHTS)
         torch.save(training_state, local / TRAINING_STATE)
         (local / STATE).write_text(json.dumps(asdict(progress)))
-    storage.publish(local, uri, {"step": progress.step, "configHash": progress.config_hash, UID_KEY: owner.uid})
+    metadata = {"step": progress.step, "configHash": progress.config_hash, UID_KEY: owner.uid}
+    # Kept in the manifest so that status.checkpoints can be read back from storage alone (see stored).
+    evaluated = dict(progress.eval_history).get(progress.step, {})
+    if "evalLoss" in evaluated:
+        metadata[EVAL_LOSS_KEY] = evaluated["evalLoss"]
+    storage.publish(local, uri, metadata)
     shutil.rmtree(local)
     # Only checkpoints this run may resume are pruned: another FineTuneJob's are not its to delete.
     complete = _complete(storage, checkpoint_uri, progress.config_hash, owner)
-    for stale in complete[keep:]:
+    for stale, _ in complete[keep:]:
         storage.delete(stale)
-    return uri
+    return _records(complete[:keep])
 
 
 def tensor_bytes(value: Any) -> int:
@@ -96,13 +104,25 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
-def latest(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner) -> str | None:
-    """The newest checkpoint whose manifest exists, whose config matches and that the owner may resume."""
-    complete = _complete(storage, checkpoint_uri, config_hash, owner)
-    return complete[0] if complete else None
+def stored(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner) -> list[CheckpointRecord]:
+    """The complete checkpoints whose config matches and that the owner may resume, oldest first (resume the last).
+
+    Read from storage alone, this is status.checkpoints: a retried pod reports what the one before it wrote.
+    """
+    return _records(_complete(storage, checkpoint_uri, config_hash, owner))
 
 
-def _complete(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner) -> list[str]:
+def _records(complete: list[tuple[str, dict[str, Any]]]) -> list[CheckpointRecord]:
+    return [
+        CheckpointRecord(step=manifest["step"], uri=uri, eval_loss=manifest.get(EVAL_LOSS_KEY))
+        for uri, manifest in reversed(complete)
+    ]
+
+
+def _complete(
+    storage: Storage, checkpoint_uri: str, config_hash: str, owner: Owner
+) -> list[tuple[str, dict[str, Any]]]:
+    """The checkpoints a run with this config may resume, newest first, each with its manifest."""
     found = []
     for uri in reversed(storage.children(checkpoint_uri)):
         manifest = storage.read_manifest(uri)
@@ -115,7 +135,7 @@ def _complete(storage: Storage, checkpoint_uri: str, config_hash: str, owner: Ow
         elif (refusal := owner.refusal(manifest)) is not None:
             logger.warning("ignoring %s: %s", uri, refusal)
         else:
-            found.append(uri)
+            found.append((uri, manifest))
     return found
 
 

@@ -92,26 +92,30 @@ def run(
 
     owner = checkpoints.Owner(config.finetune_job.uid, spec.checkpoints.resume_from_uid)
     progress, resume = Progress(config_hash=config.revision), None
-    latest = checkpoints.latest(storage, config.checkpoint_uri, config.revision, owner)
-    if latest is not None:
+    stored = checkpoints.stored(storage, config.checkpoint_uri, config.revision, owner)
+    if stored:
+        latest = stored[-1].uri
         progress, weights, training_state = checkpoints.load(storage, latest, workdir / f"rank-{distributed.rank}")
         resume = (weights, training_state)
         logger.info("resuming from %s at step %d", latest, progress.step)
 
     reporter = Reporter(metrics, status, log_every, terminal=None if distributed.is_main else False)
 
+    def start(current: Progress, total_steps: int) -> None:
+        reporter.started(current, total_steps, stored)
+
     def save_checkpoint(current: Progress, trainable: dict[str, torch.Tensor], training_state: dict) -> None:
         started = time.perf_counter()
         uploaded = storage.bytes_uploaded
-        uri = checkpoints.save(
+        kept = checkpoints.save(
             storage, config.checkpoint_uri, workdir, current, trainable, training_state, spec.checkpoints.keep, owner
         )
-        reporter.checkpointed(current, uri, time.perf_counter() - started, spec.checkpoints.keep)
+        reporter.checkpointed(current, time.perf_counter() - started, kept)
         if metrics is not None:
             metrics.add_s3_bytes("upload", storage.bytes_uploaded - uploaded)
 
     hooks = (
-        Hooks(on_step=reporter.step, on_eval=reporter.evaluated, save_checkpoint=save_checkpoint)
+        Hooks(on_start=start, on_step=reporter.step, on_eval=reporter.evaluated, save_checkpoint=save_checkpoint)
         if distributed.is_main
         else Hooks()
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tunery.api.status import CheckpointRecord
 from tunery_trainer.checkpoints import Progress as TrainingProgress
 from tunery_trainer.metrics import TrainerMetrics
 from tunery_trainer.progress import ProgressReporter
@@ -85,12 +86,19 @@ class Reporter:
             self.metrics.record_eval(values)
         logger.info(json.dumps({"event": "eval", "step": progress.step} | {k: _rounded(v) for k, v in values.items()}))
 
-    def checkpointed(self, progress: TrainingProgress, uri: str, seconds: float, keep: int) -> None:
-        evaluated = dict(progress.eval_history).get(progress.step, {})
-        record = {"step": progress.step, "uri": uri}
-        if "evalLoss" in evaluated:
-            record["evalLoss"] = evaluated["evalLoss"]
-        self.checkpoints = [*self.checkpoints, record][-keep:]
+    def started(self, progress: TrainingProgress, total_steps: int, stored: list[CheckpointRecord]) -> None:
+        """Report at once where the run starts: a retried pod restores what the one before it had reported."""
+        self._store(stored)
+        if progress.eval_history:
+            self.latest |= progress.eval_history[-1][1]
+        if progress.train_loss:
+            self.latest["trainLoss"] = progress.train_loss[-1][1]
+        self._send(progress, total_steps, final=False)
+
+    def checkpointed(self, progress: TrainingProgress, seconds: float, stored: list[CheckpointRecord]) -> None:
+        """After a save: `stored` holds the complete checkpoints kept, the new one last."""
+        self._store(stored)
+        uri = stored[-1].uri
         if self.metrics is not None:
             self.metrics.observe_checkpoint(seconds)
         logger.info(
@@ -101,6 +109,9 @@ class Reporter:
         if self._bar is not None:
             self._bar.stop()
         self._send(progress, total_steps, final=True)
+
+    def _store(self, stored: list[CheckpointRecord]) -> None:
+        self.checkpoints = [record.model_dump(by_alias=True, exclude_none=True) for record in stored]
 
     def _advance(self, step: int, total_steps: int) -> None:
         if self._bar is None:

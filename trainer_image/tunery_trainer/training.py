@@ -59,6 +59,7 @@ class Distributed:
 class Hooks:
     """What the loop tells the outside world: rank 0's metrics, status reports and checkpoint writes."""
 
+    on_start: Callable[[Progress, int], None] = lambda *_: None
     on_step: Callable[[Progress, int, dict[str, float], dict[str, Any]], None] = lambda *_: None
     on_eval: Callable[[Progress, dict[str, float]], None] = lambda *_: None
     save_checkpoint: Callable[[Progress, dict[str, torch.Tensor], dict[str, Any]], None] = lambda *_: None
@@ -203,6 +204,7 @@ def train(
             hooks.save_checkpoint(progress, weights, training_state)
         distributed.barrier()
 
+    hooks.on_start(progress, total_steps)
     model.train()
     for step in range(progress.step, total_steps):
         torch.manual_seed(step_seed(settings.seed, step, distributed.rank))
