@@ -50,6 +50,10 @@ app.kubernetes.io/component: operator
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, create, patch]
+# A Job that Kueue holds: its Workload says why (read-only; absent without Kueue).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list]
 {{- end -}}
 
 
