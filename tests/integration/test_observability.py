@@ -237,7 +237,7 @@ spec:
   dataset: {{train: "file://{data}", maxLength: 64, packing: false}}
   method: {{type: lora}}
   hyperparameters: {{maxSteps: 400, batchSize: 16, learningRate: 0.01}}
-  evaluation: {{everySteps: 50}}
+  evaluation: {{everySteps: 50, metrics: [loss, perplexity]}}
   checkpoints: {{everySteps: 100, keep: 1}}
   output: {{uri: "file://{work}/out/"}}
   resources: {{gpus: 0}}
