@@ -288,3 +288,8 @@ def test_every_declared_phase_and_condition_is_produced() -> None:
     served = status_of(observe(job=succeeded, model=model, serving_enabled=True, serving=serving(ready)), {}, NOW)
     holding |= {c["type"] for c in served["conditions"] if c["status"] == "True"}
     assert holding == set(get_args(ConditionType))
+
+
+def test_a_finished_trainer_keeps_the_job_running_until_the_job_completes() -> None:
+    verdict = decide(observe(job=job(), pods=[pod("Succeeded")]))
+    assert (verdict.phase, verdict.reason) == ("Running", "Finishing")

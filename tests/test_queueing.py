@@ -80,3 +80,9 @@ def test_a_held_workload_gives_kueues_reason_and_message(observed: dict, expecte
 )
 def test_a_workload_kueue_does_not_hold_gives_no_reason(observed: dict) -> None:
     assert queue_reason(observed) is None
+
+
+def test_a_reason_that_is_not_a_condition_reason_is_not_passed_on() -> None:
+    held = workload(("QuotaReserved", "False", "not a reason!", "x" * 10_000))
+    reason, message = queue_reason(held)
+    assert reason == "Queued" and len(message) == 4096

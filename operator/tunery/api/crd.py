@@ -100,7 +100,9 @@ def render_schema() -> dict[str, Any]:
             "kind": {"type": "string", "description": "Kind of this object."},
             "metadata": {"type": "object"},
             "spec": spec,
-            "status": _model_schema(FineTuneJobStatus),
+            # Defaulted, so that a FineTuneJob the operator has not seen yet reads observedGeneration 0: kstatus (Flux)
+            # calls an object without status Current, this one InProgress.
+            "status": {**_model_schema(FineTuneJobStatus), "default": {}},
         },
     }
 

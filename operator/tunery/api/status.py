@@ -106,8 +106,8 @@ class FineTuneJobStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     """kstatus conditions: Ready, Reconciling, Stalled, Validated, Complete, Failed, ModelPublished, Serving."""
-    observed_generation: int | None = Field(None, ge=0)
-    """The metadata.generation the status describes."""
+    observed_generation: int = Field(0, ge=0)
+    """The metadata.generation the status describes; 0 until the operator has seen the FineTuneJob."""
     progress: Progress | None = None
     """Training progress."""
     metrics: dict[str, float] = Field(default_factory=dict)

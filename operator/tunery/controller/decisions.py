@@ -28,6 +28,8 @@ class Observation:
     pods: list[dict[str, Any]] = field(default_factory=list)
     job_warnings: list[dict[str, Any]] = field(default_factory=list)
     queued: bool = False
+    queue_reason: tuple[str, str] | None = None
+    """Kueue's (reason, message) for holding a queued Job, from its Workload."""
     model: ModelRecord | None = None
     """Where this revision publishes its model ({uri, name}); it becomes status.model once the revision succeeds."""
     serving: "ServingObservation | None" = None
@@ -58,9 +60,10 @@ class Verdict:
 # Reasons that keep pods from starting and need someone to act.
 WAITING_PROBLEMS = ("Unschedulable", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "FailedCreate")
 CHILD_CONFLICT = "ChildConflict"
-# Reasons worth looking again soon, since nothing watched may change: a Job without running pods yet, and a
-# child name taken by another object (which its owner may remove, or the garbage collector may still delete).
-STARTING = ("Creating", "Starting", "FailedCreate", CHILD_CONFLICT)
+# Reasons worth looking again soon, since nothing watched may change: a Job without running pods yet, a
+# child name taken by another object (which its owner may remove, or the garbage collector may still delete),
+# and a queued Job whose Workload (not watched) Kueue has not given a reason yet (the fallback reason "Queued").
+STARTING = ("Creating", "Starting", "FailedCreate", CHILD_CONFLICT, "Queued")
 
 
 def decide(observation: Observation) -> Verdict:
@@ -80,15 +83,20 @@ def decide(observation: Observation) -> Verdict:
         return Verdict("Failed", reason, message)
     if job["spec"].get("suspend"):
         if observation.queued:
-            return Verdict("Queued", "Queued", "waiting for the queue to admit the Job")
+            reason, message = observation.queue_reason or ("Queued", "waiting for the queue to admit the Job")
+            return Verdict("Queued", reason, message)
         return Verdict(
             "Suspended", "Suspended", "spec.suspend is true; set it to false to resume from the latest checkpoint"
         )
     waiting = _waiting_reason(observation.pods) or _pods_not_created(observation)
     if waiting:
         return Verdict("Pending", *waiting)
-    if any(pod.get("status", {}).get("phase") == "Running" for pod in observation.pods):
+    phases = {pod.get("status", {}).get("phase") for pod in observation.pods}
+    if "Running" in phases:
         return Verdict("Running", "Training", "training is running")
+    # Between the trainer's exit and the Job's Complete condition the run is not starting over.
+    if "Succeeded" in phases:
+        return Verdict("Running", "Finishing", "the trainer finished; waiting for the Job to complete")
     return Verdict("Pending", "Starting", "waiting for the training pods to start")
 
 

@@ -19,6 +19,9 @@ from tunery.api.resource import GROUP, KIND, PLURAL, VERSION
 from tunery.controller.naming import FIELD_MANAGER
 
 FineTuneJobResource = create_namespaced_resource(GROUP, VERSION, KIND, PLURAL)
+# Kueue v0.17 stores Workloads as v1beta2; it names them itself and labels them with their Job's UID.
+Workload = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "Workload", "workloads")
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 # Registering Kopf's peering kinds lets codecs.from_dict build them for apply.
 create_namespaced_resource("kopf.dev", "v1", "KopfPeering", "kopfpeerings")
 create_global_resource("kopf.dev", "v1", "ClusterKopfPeering", "clusterkopfpeerings")
@@ -158,6 +161,21 @@ class KubeApi:
                 if exc.status.code != 404:
                     raise
         return deleted
+
+    async def get_workload(self, namespace: str, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The Kueue Workload of this Job (owned by it, labelled with its UID); None without one, or without Kueue."""
+        uid = job["metadata"]["uid"]
+        try:
+            listed = [
+                item.to_dict()
+                async for item in self._client.list(Workload, namespace=namespace, labels={KUEUE_JOB_UID_LABEL: uid})
+            ]
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+        owned = [workload for workload in listed if owned_by(workload, uid)]
+        return max(owned, key=lambda workload: workload["metadata"]["creationTimestamp"], default=None)
 
     async def list_job_warnings(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         """Warning Events about a Job (the Job controller reports pods it could not create only there)."""

@@ -1,16 +1,11 @@
 """Why Kueue holds a queued Job: read from the conditions of the Workload Kueue made for it."""
 
+import re
 from typing import Any
 
-from lightkube import AsyncClient
-from lightkube.core.exceptions import ApiError
-from lightkube.generic_resource import create_namespaced_resource
-
-from tunery.controller.kube import owned_by
-
-# Kueue v0.17 stores Workloads as v1beta2; it names them itself and labels them with their Job's UID.
-Workload = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "Workload", "workloads")
-JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+# What a condition's reason may be (metav1.Condition); a Workload's reason that is not one is not passed on.
+_REASON = re.compile(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?")
+_MAX_MESSAGE = 4096
 
 
 def queue_reason(workload: dict[str, Any]) -> tuple[str, str] | None:
@@ -23,19 +18,8 @@ def queue_reason(workload: dict[str, Any]) -> tuple[str, str] | None:
 
     # An evicted Workload (deactivated, preempted) says why it was stopped until it is admitted again.
     held = holds("Evicted", "True") or holds("QuotaReserved", "False")
-    return (held["reason"], held["message"]) if held else None
-
-
-async def read_workload(client: AsyncClient, namespace: str, job: dict[str, Any]) -> dict[str, Any] | None:
-    """The Workload of this Job (owned by it, labelled with its UID); None without one, or without Kueue's API."""
-    uid = job["metadata"]["uid"]
-    try:
-        listed = [
-            item.to_dict() async for item in client.list(Workload, namespace=namespace, labels={JOB_UID_LABEL: uid})
-        ]
-    except ApiError as exc:
-        if exc.status.code == 404:
-            return None
-        raise
-    owned = [workload for workload in listed if owned_by(workload, uid)]
-    return max(owned, key=lambda workload: workload["metadata"]["creationTimestamp"], default=None)
+    if not held:
+        return None
+    reason = str(held.get("reason") or "")
+    message = str(held.get("message") or "")[:_MAX_MESSAGE]
+    return (reason if _REASON.fullmatch(reason) and len(reason) <= 256 else "Queued"), message

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from tunery.api.policy import Policy, parse_for_cluster
 from tunery.api.resource import FineTuneJob, ObjectMeta
 from tunery.api.status import FineTuneJobStatus, ModelRecord
-from tunery.controller import decisions, naming
+from tunery.controller import decisions, naming, queueing
 from tunery.controller.kube import KubeApi, NotOwned, owned_by
 from tunery.controller.metrics import OperatorMetrics
 from tunery.controller.render import TrainingTarget, render_training_children, training_target
@@ -112,6 +112,9 @@ class Reconciler:
             return decisions.Observation(generation, revision, child_conflict=str(conflict))
         await self._stop_stale_revisions(target)
         pods = self._watched.training_pods(target.namespace, target.job_name)
+        workload = None
+        if target.queue_name and job and job["spec"].get("suspend"):
+            workload = await self._api.get_workload(target.namespace, job)
         return decisions.Observation(
             generation,
             revision,
@@ -119,6 +122,7 @@ class Reconciler:
             pods=pods,
             job_warnings=await self._job_warnings(job, pods, target),
             queued=target.queue_name is not None,
+            queue_reason=queueing.queue_reason(workload) if workload else None,
             model=ModelRecord(uri=target.output_prefix, name=spec.output.name or target.name),
         )
 
