@@ -73,6 +73,16 @@ def manifest(example: str, name: str, namespace: str = NAMESPACE, **spec_changes
     return yaml.safe_dump(document)
 
 
+def outcome(fate: str) -> dict:
+    """Resources that put the training pod on the kwok node where pods meet `fate` (hack/localenv/kwok-stages.yaml)."""
+    return {
+        "gpus": 1,
+        "memory": "64Gi",
+        "nodeSelector": {"tunery.dev/kwok-outcome": fate},
+        "tolerations": [{"key": "tunery.dev/kwok-outcome", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
 def get(kube: Kube, kind: str, name: str, namespace: str = NAMESPACE) -> dict:
     return json.loads(kube.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
 

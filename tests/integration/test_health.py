@@ -12,11 +12,10 @@ import pytest
 import yaml
 from health import argocd_health, kstatus
 from monitoring_files import CHART
-from test_operator import outcome
 
 from conftest import REPO_ROOT, Kube
 from localenv import tools
-from operator_harness import CRD_FILE, OperatorProcess, condition, manifest
+from operator_harness import CRD_FILE, OperatorProcess, condition, manifest, outcome
 
 pytestmark = pytest.mark.integration
 

@@ -25,6 +25,7 @@ from operator_harness import (
     condition,
     get,
     manifest,
+    outcome,
     wait_for,
     wait_for_event,
 )
@@ -243,16 +244,6 @@ def test_progress_channel_is_least_privilege_and_survives_reconciliation(kube: K
     with pytest.raises(urllib.error.HTTPError) as spec_change:
         urllib.request.urlopen(spec_patch, context=ssl.create_default_context(cafile=endpoint.ca_file))
     assert spec_change.value.code == 403
-
-
-def outcome(fate: str) -> dict:
-    """Resources that put the training pod on the kwok node where pods meet `fate` (hack/localenv/kwok-stages.yaml)."""
-    return {
-        "gpus": 1,
-        "memory": "64Gi",
-        "nodeSelector": {"tunery.dev/kwok-outcome": fate},
-        "tolerations": [{"key": "tunery.dev/kwok-outcome", "operator": "Exists", "effect": "NoSchedule"}],
-    }
 
 
 def test_running_pods_make_the_job_running(kube: Kube, operator: OperatorProcess) -> None:
