@@ -27,8 +27,8 @@ create_namespaced_resource("kopf.dev", "v1", "KopfPeering", "kopfpeerings")
 create_global_resource("kopf.dev", "v1", "ClusterKopfPeering", "clusterkopfpeerings")
 
 
-# A child that is not watched is applied again after this long even if unchanged, so that one deleted or edited by
-# hand is put back.
+# A child is applied again after this long even if unchanged, so that one deleted or edited by hand (or deleted while
+# the watch was away) is put back.
 REAPPLY_SECONDS = 600.0
 # Tells unchanged() that the caller has no stored copy (the kind is not watched).
 UNWATCHED = object()
@@ -77,9 +77,13 @@ class KubeApi:
         applied = self._applied.get(_identity(manifest))
         if applied is None or applied.digest != _digest(manifest):
             return False
-        if stored is UNWATCHED:
-            return time.monotonic() - applied.at < REAPPLY_SECONDS
-        return stored is not None and stored["metadata"].get("generation") == applied.generation
+        if time.monotonic() - applied.at >= REAPPLY_SECONDS:
+            return False
+        # A watch that missed a deletion (a gap longer than the API server's watch window) keeps showing the object:
+        # applying again at least every REAPPLY_SECONDS brings back one that is gone.
+        return stored is UNWATCHED or (
+            stored is not None and stored["metadata"].get("generation") == applied.generation
+        )
 
     async def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get_or_none(FineTuneJobResource, namespace, name)
@@ -145,7 +149,12 @@ class KubeApi:
         """Delete a Job; with wait_for_pods it stays (terminating) until its pods are gone, so that a replacement
         never trains beside them."""
         cascade = CascadeType.FOREGROUND if wait_for_pods else CascadeType.BACKGROUND
-        await self._client.delete(Job, name, namespace=namespace, cascade=cascade)
+        try:
+            await self._client.delete(Job, name, namespace=namespace, cascade=cascade)
+        except ApiError as exc:
+            # Already gone: the watch that showed it had not seen the deletion yet.
+            if exc.status.code != 404:
+                raise
 
     async def delete_serving(self, namespace: str, name: str, owner_uid: str) -> bool:
         """Delete the serving Deployment, Service and NetworkPolicy that this owner owns; whether any was deleted."""
