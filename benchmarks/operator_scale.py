@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ import lightkube
 import yaml
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.batch_v1 import Job
-from lightkube.types import on_error_retry
+from lightkube.types import OnErrorAction, OnErrorResult, on_error_retry
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "hack"))
@@ -86,9 +87,12 @@ class Watch:
     def __init__(self, cluster: Cluster, resource, namespace: str, key_of) -> None:
         self.seen: dict[str, float] = {}
         self._stopped = threading.Event()
-        self._events = cluster.client.watch(resource, namespace=namespace, server_timeout=30, on_error=on_error_retry)
+        self._events = cluster.client.watch(resource, namespace=namespace, server_timeout=30, on_error=self._on_error)
         self._key_of = key_of
         threading.Thread(target=self._read, daemon=True).start()
+
+    def _on_error(self, error: Exception, count: int) -> OnErrorResult:
+        return OnErrorResult(OnErrorAction.STOP) if self._stopped.is_set() else on_error_retry(error, count)
 
     def _read(self) -> None:
         for _, obj in self._events:
@@ -127,7 +131,8 @@ def apply_all(
             stdout=subprocess.PIPE,
             text=True,
         )
-        process.stdin.write(yaml.safe_dump_all([document for group in batch_groups for document in group]))
+        # JSON documents: YAML from PyYAML can leave a hash such as 123e45 unquoted, which kubectl reads as a number.
+        process.stdin.write("\n---\n".join(json.dumps(document) for group in batch_groups for document in group))
         process.stdin.close()
         for line in process.stdout:
             # "job.batch/ftj-0001-abc serverside-applied"
@@ -234,8 +239,18 @@ def start_operator(cluster: Cluster, tree: Path, namespace: str, state_dir: Path
             return operator
         except OSError:
             time.sleep(0.2)
-    operator.terminate()
+    stop(operator)
     raise RuntimeError("the operator's /healthz did not answer in 60s")
+
+
+def stop(operator: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if a busy operator has not shut down in 30 s (the measurements are taken by then)."""
+    operator.terminate()
+    try:
+        operator.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        operator.kill()
+        operator.wait()
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -277,8 +292,7 @@ def run_operator(cluster: Cluster, tree: Path, spec: dict, args: argparse.Namesp
         requests = request_counts(cluster) - before
         rss = peak_rss_mib(operator.pid)
     finally:
-        operator.terminate()
-        operator.wait(timeout=30)
+        stop(operator)
     return {**phase_result(applied, started, apply_s, done), "peak_rss_mib": rss, "requests": dict(requests)}
 
 
@@ -352,18 +366,22 @@ def main() -> None:
     spec = yaml.safe_load((args.tree / "examples" / "lora-sft-chat.yaml").read_text())["spec"]
     spec["serving"] = {"enabled": False}
     gpu_nodes = math.ceil(args.jobs / kube.GPUS_PER_NODE)
-    with tempfile.TemporaryDirectory(prefix="tunery-bench-") as tmp:
-        state_dir = Path(tmp)
-        up = [sys.executable, str(REPO_ROOT / "hack" / "local-env"), "up", "--only=kube", f"--state-dir={state_dir}"]
+    # Kept when the run fails, for the components' and the operator's logs.
+    state_dir = Path(tempfile.mkdtemp(prefix="tunery-bench-"))
+    up = [sys.executable, str(REPO_ROOT / "hack" / "local-env"), "up", "--only=kube", f"--state-dir={state_dir}"]
+    try:
         subprocess.run([*up, f"--gpu-nodes={gpu_nodes}", "--high-throughput"], check=True)
-        try:
-            cluster = Cluster(state_dir)
-            cluster.kubectl("apply", "--server-side", "-f", str(args.tree / "crds" / "tunery.dev_finetunejobs.yaml"))
-            cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.tunery.dev", "--timeout=60s")
-            baseline = run_baseline(cluster, args.tree, spec, args)
-            measured = run_operator(cluster, args.tree, spec, args, state_dir)
-        finally:
-            processes.stop_all(state_dir)
+        cluster = Cluster(state_dir)
+        cluster.kubectl("apply", "--server-side", "-f", str(args.tree / "crds" / "tunery.dev_finetunejobs.yaml"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.tunery.dev", "--timeout=60s")
+        baseline = run_baseline(cluster, args.tree, spec, args)
+        measured = run_operator(cluster, args.tree, spec, args, state_dir)
+    except BaseException:
+        print(f"failed; the logs are kept in {state_dir}", file=sys.stderr)
+        raise
+    finally:
+        processes.stop_all(state_dir)
+    shutil.rmtree(state_dir)
     rows = summary_rows(measured, baseline, args.jobs)
     result = {
         "jobs": args.jobs,
