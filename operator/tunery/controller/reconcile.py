@@ -44,8 +44,6 @@ class Reconciler:
         self._policy: Policy = settings.policy()
         self._post_event = post_event
         self.metrics = metrics
-        # FineTuneJobs (by UID) whose serving children were found removed; not looked for again while disabled.
-        self._serving_removed: set[str] = set()
 
     async def reconcile(self, namespace: str, name: str) -> decisions.Verdict | None:
         """Reconcile and return the verdict (None once the FineTuneJob is gone)."""
@@ -150,9 +148,8 @@ class Reconciler:
         if observation.child_conflict:
             return replace(observation, serving_enabled=spec.serving.enabled)
         if not spec.serving.enabled:
-            await self._remove_serving(namespace, name, uid)
+            await self._remove_serving(namespace, name, uid, stored)
             return observation
-        self._serving_removed.discard(uid)
         if verdict.phase == "Succeeded" and observation.model:
             model, model_revision = observation.model, observation.revision
         else:
@@ -171,13 +168,14 @@ class Reconciler:
         serving = decisions.ServingObservation(deployment, self._watched.serving_pods(namespace, name), target.endpoint)
         return replace(observation, serving_enabled=True, serving=serving)
 
-    async def _remove_serving(self, namespace: str, name: str, uid: str) -> None:
+    async def _remove_serving(self, namespace: str, name: str, uid: str, stored: FineTuneJobStatus) -> None:
+        """Delete the serving children, looked for only while the status or the watch shows an endpoint (a
+        FineTuneJob that never served costs no request)."""
         serving_name = naming.serving_name(name)
-        if uid in self._serving_removed and self._watched.deployment(namespace, name, serving_name) is None:
+        if stored.serving is None and self._watched.deployment(namespace, name, serving_name) is None:
             return
         if await self._api.delete_serving(namespace, serving_name, uid):
             logger.info("removed the serving Deployment of %s/%s: spec.serving.enabled is false", namespace, name)
-        self._serving_removed.add(uid)
 
     async def _apply_deployment(self, child: dict[str, Any], namespace: str, name: str, uid: str) -> dict[str, Any]:
         deployment_name = child["metadata"]["name"]
