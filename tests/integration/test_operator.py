@@ -257,6 +257,7 @@ def test_running_pods_make_the_job_running(kube: Kube, operator: OperatorProcess
     assert condition(body["status"], "Reconciling")["status"] == "True"
     assert condition(body["status"], "Ready")["status"] == "False"
     assert body["status"]["startTime"]
+    kube.kubectl("delete", "ftj", "busy", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
 
 
 def test_oom_killed_reaches_the_status_and_an_event(kube: Kube, operator: OperatorProcess) -> None:
@@ -357,6 +358,7 @@ def test_a_new_revision_stops_the_running_one(kube: Kube, operator: OperatorProc
     ]:
         assert time.monotonic() < deadline, "the superseded revision's Job is still there"
         time.sleep(0.5)
+    kube.kubectl("delete", "ftj", "replaced", "-n", NAMESPACE, "--wait=true", "--timeout=60s")
 
 
 def test_an_operator_upgrade_to_another_trainer_image_leaves_running_revisions_alone(
@@ -519,3 +521,5 @@ def test_reconciling_an_unchanged_job_applies_nothing_and_a_change_is_applied(
         assert time.monotonic() < deadline, "the changed backoffLimit never reached the Job"
         time.sleep(0.5)
     assert _applies(kube)["jobs"] > before["jobs"]
+    # A pod that never ends would hold the running node's GPUs for later tests (Kueue's).
+    kube.kubectl("delete", "ftj", "steady", "-n", NAMESPACE, "--wait=true", "--timeout=60s")

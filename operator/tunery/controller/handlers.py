@@ -97,12 +97,21 @@ def build_registry(operator_settings: OperatorSettings) -> kopf.OperatorRegistry
         watched.attach({index: indexes[index] for index in (JOBS_INDEX, PODS_INDEX, DEPLOYMENTS_INDEX)})
         queue["run"].add((namespace, name))
 
+    # What of each FineTuneJob the decisions read, as last queued: a change of its status alone (the operator's own
+    # patch, the trainer's progress) needs no reconciliation.
+    last_queued: dict[tuple[str, str], tuple[Any, ...]] = {}
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def finetunejob_changed(type: str, namespace: str, name: str, **kwargs: Any) -> None:
+    async def finetunejob_changed(type: str, namespace: str, name: str, meta: kopf.Meta, **kwargs: Any) -> None:
+        key = (namespace, name)
         if type == "DELETED":
-            queue["run"].forget((namespace, name))
+            last_queued.pop(key, None)
+            queue["run"].forget(key)
             reconcilers["run"].metrics.forget(namespace, name)
-        else:
+            return
+        seen = (meta.uid, meta.get("generation"), dict(meta.labels), meta.get("deletionTimestamp"))
+        if last_queued.get(key) != seen:
+            last_queued[key] = seen
             changed(namespace, name, kwargs)
 
     @kopf.on.event("batch", "v1", "jobs", labels=owned, registry=registry)

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from tunery.api.policy import Policy, parse_for_cluster
 from tunery.api.resource import FineTuneJob, ObjectMeta
 from tunery.api.status import FineTuneJobStatus, ModelRecord
+from tunery.api.validation import Parsed
 from tunery.controller import decisions, naming, queueing
 from tunery.controller.kube import KubeApi, NotOwned, owned_by
 from tunery.controller.metrics import OperatorMetrics
@@ -44,6 +45,8 @@ class Reconciler:
         self._policy: Policy = settings.policy()
         self._post_event = post_event
         self.metrics = metrics
+        # The spec checks' outcome per FineTuneJob, for the (uid, generation) it was computed from.
+        self._parsed: dict[tuple[str, str], tuple[tuple[str, int], Parsed]] = {}
 
     async def reconcile(self, namespace: str, name: str) -> decisions.Verdict | None:
         """Reconcile and return the verdict (None once the FineTuneJob is gone)."""
@@ -54,10 +57,11 @@ class Reconciler:
         body = await self._api.get_finetunejob(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             self.metrics.forget(namespace, name)
+            self._parsed.pop((namespace, name), None)
             return None
         metadata = ObjectMeta.model_validate(body["metadata"])
         stored = _stored_status(body, metadata)
-        parsed = parse_for_cluster({key: value for key, value in body.items() if key != "status"}, self._policy)
+        parsed = self._parse(body, metadata)
         finetunejob = parsed.finetunejob
         if finetunejob is None:
             observation = decisions.Observation(metadata.generation, revision="", spec_errors=parsed.errors)
@@ -78,6 +82,20 @@ class Reconciler:
         if wanted.phase != previous_phase or _ready_reason(stored) != verdict.reason:
             self._post_event(metadata, _event_type(verdict), verdict.reason, f"{verdict.phase}: {verdict.message}")
         return verdict
+
+    def _parse(self, body: dict[str, Any], metadata: ObjectMeta) -> Parsed:
+        """The FineTuneJob as the operator reads it. The spec's checks (CEL rules, policy) hold for its generation,
+        so they run once per generation; the metadata (labels such as Kueue's queue) is always the current one."""
+        key = (metadata.namespace, metadata.name)
+        cached = self._parsed.get(key)
+        if cached is None or cached[0] != (metadata.uid, metadata.generation):
+            parsed = parse_for_cluster({part: value for part, value in body.items() if part != "status"}, self._policy)
+            self._parsed[key] = ((metadata.uid, metadata.generation), parsed)
+            return parsed
+        finetunejob = cached[1].finetunejob
+        if finetunejob is None:
+            return cached[1]
+        return Parsed(finetunejob.model_copy(update={"metadata": metadata}), [])
 
     def _record(
         self,
