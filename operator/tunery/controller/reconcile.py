@@ -1,5 +1,6 @@
 """Reconcile one FineTuneJob: validate, apply its revision's children, observe them, patch the status if it changed."""
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,6 +23,7 @@ from tunery.controller.watched import Watched
 
 # Posts a Kubernetes Event about a FineTuneJob: (metadata, type, reason, message).
 EventPoster = Callable[[ObjectMeta, str, str, str], None]
+_APPLIED_AFTER = ("RoleBinding", "Job")
 # The Job controller reports pods it could not create only in Events; they are read once it has had time to try.
 _PODS_EXPECTED_SECONDS = 10.0
 
@@ -121,8 +123,15 @@ class Reconciler:
         spec, generation = finetunejob.spec, finetunejob.metadata.generation
         revision = naming.revision(spec, stored.revision or None)
         target = training_target(finetunejob, revision, spec.image or self._settings.trainer_image)
+        children = render_training_children(target)
+        # Independent children go at once; a RoleBinding after its Role (the API server checks the binder holds
+        # the Role's rights), the Job last.
+        after = [child for child in children if child["kind"] in _APPLIED_AFTER]
         try:
-            for child in render_training_children(target):
+            await asyncio.gather(
+                *(self._api.apply_owned(child) for child in children if child["kind"] not in _APPLIED_AFTER)
+            )
+            for child in after:
                 job = await self._apply_training_child(child, target)
         except NotOwned as conflict:
             return decisions.Observation(generation, revision, child_conflict=str(conflict))
