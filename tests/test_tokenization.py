@@ -308,3 +308,28 @@ def test_pack_gives_a_full_length_document_its_own_row() -> None:
     assert rows[1]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
     assert rows[1]["labels"] == [IGNORE_INDEX, 3, 3, 3, 3, IGNORE_INDEX, 2, 2]
     assert pack([], 8) == []
+
+
+def first_fit_decreasing(lengths: list[int], size: int) -> list[list[int]]:
+    """The textbook first-fit decreasing (scan every row), as the oracle for pack's tree."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda index: (-lengths[index], index)):
+        slot = next((row for row, free in enumerate(room) if free >= lengths[index]), None)
+        if slot is None:
+            rows.append([])
+            room.append(size)
+            slot = len(rows) - 1
+        rows[slot].append(index)
+        room[slot] -= lengths[index]
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_lays_out_rows_exactly_as_first_fit_decreasing(seed: int) -> None:
+    generator = random.Random(seed)
+    lengths = [generator.choice([1, 2, 3, 7, 31, 64, 100, 127, 128]) for _ in range(generator.randint(1, 400))]
+    docs = [{"input_ids": [index] * length, "labels": [index] * length} for index, length in enumerate(lengths)]
+    rows = pack(docs, 128)
+    expected = [[docs[index]["input_ids"] for index in row] for row in first_fit_decreasing(lengths, 128)]
+    assert [[list(ids) for _, ids in groupby(row["input_ids"])] for row in rows] == expected
