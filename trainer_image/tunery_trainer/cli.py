@@ -48,6 +48,7 @@ def train(
     # Imported here: `check` and `--help` should not pay for loading torch and transformers.
     from transformers.utils import logging as transformers_logging
 
+    from tunery_trainer import preemption
     from tunery_trainer.job import run
     from tunery_trainer.metrics import TrainerMetrics
     from tunery_trainer.progress import ProgressReporter, StatusEndpoint
@@ -70,6 +71,7 @@ def train(
         else None
     )
     scratch = workdir or Path(tempfile.gettempdir()) / f"tunery-{trainer_config.revision}"
+    preemption.install()
     try:
         outcome = run(trainer_config, scratch, metrics, status, log_every)
     except Exception as error:  # noqa: BLE001 - every failure ends with a reason; see failures.classify

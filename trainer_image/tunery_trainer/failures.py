@@ -8,6 +8,7 @@ from pathlib import Path
 from tunery.api import contract
 from tunery_trainer.data import MESSAGE_CHARS, DataError
 from tunery_trainer.disk import OutOfDiskError, is_full_disk
+from tunery_trainer.preemption import Preempted
 from tunery_trainer.redaction import redact
 from tunery_trainer.storage import RETRYABLE_REASONS, StorageError
 
@@ -49,6 +50,8 @@ def classify(error: Exception, scratch: Path | None = None) -> Failure:
         return Failure(
             error.reason, error.message, contract.EXIT_RETRYABLE if retryable else contract.EXIT_STORAGE_ERROR
         )
+    if isinstance(error, Preempted):
+        return Failure(error.reason, error.message, contract.EXIT_RETRYABLE)
     if isinstance(error, OutOfDiskError):
         return Failure(error.reason, error.message, contract.EXIT_OUT_OF_DISK)
     if is_full_disk(error):

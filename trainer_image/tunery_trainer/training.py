@@ -12,7 +12,7 @@ import torch
 import torch.distributed as torch_distributed
 
 from tunery.api.spec import FineTuneJobSpec
-from tunery_trainer import sharding
+from tunery_trainer import preemption, sharding
 from tunery_trainer.batching import Schedule, collator, step_seed
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.evaluator import evaluate
@@ -53,6 +53,14 @@ class Distributed:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch_distributed.all_reduce(tensor)
         return float(tensor) / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set: every rank takes the same branch, so collectives stay matched."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        torch_distributed.all_reduce(tensor, op=torch_distributed.ReduceOp.MAX)
+        return bool(tensor)
 
 
 @dataclass
@@ -256,6 +264,11 @@ def train(
         every_eval, every_checkpoint = spec.evaluation.every_steps, spec.checkpoints.every_steps
         if finished or (progress.step % every_eval == 0 if every_eval else end_of_epoch):
             run_evaluation()
-        if finished or (progress.step % every_checkpoint == 0 if every_checkpoint else end_of_epoch):
+        saved = finished or (progress.step % every_checkpoint == 0 if every_checkpoint else end_of_epoch)
+        if saved:
             save()
+        if not finished and distributed.any(preemption.requested()):
+            if not saved:
+                save()
+            raise preemption.Preempted(progress.step)
     return progress
