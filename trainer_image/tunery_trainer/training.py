@@ -54,7 +54,7 @@ class Distributed:
         torch_distributed.all_reduce(tensor)
         return float(tensor) / self.world_size
 
-    def any(self, flag: bool) -> bool:
+    def any_rank(self, flag: bool) -> bool:
         """Whether any rank's flag is set: every rank takes the same branch, so collectives stay matched."""
         if self.world_size == 1:
             return flag
@@ -267,7 +267,7 @@ def train(
         saved = finished or (progress.step % every_checkpoint == 0 if every_checkpoint else end_of_epoch)
         if saved:
             save()
-        if not finished and distributed.any(preemption.requested()):
+        if not finished and distributed.any_rank(preemption.requested()):
             if not saved:
                 save()
             raise preemption.Preempted(progress.step)
