@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tiny_models import decoder, minilm_path, sentences, write_jsonl
 
+from tunery.api import contract
+
 TUNERY = str(Path(sys.executable).parent / "tunery")
 
 
@@ -162,7 +164,8 @@ def test_qlora_without_a_gpu_is_refused_with_exit_67(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_stopped_run_stops_its_trainer_and_exits_with_its_code(tmp_path: Path) -> None:
-    """SIGTERM to `tunery run` (a terminal closed, a CI job cancelled) reaches the trainer instead of orphaning it."""
+    """SIGTERM to `tunery run` (a terminal closed, a CI job cancelled) reaches the trainer instead of orphaning it;
+    the trainer checkpoints its step and ends retryable, as a preempted pod does."""
     base = decoder(tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(120)])
     job = manifest(tmp_path, f"file://{base}/", f"file://{data}")
@@ -177,7 +180,7 @@ def test_a_stopped_run_stops_its_trainer_and_exits_with_its_code(tmp_path: Path)
     trainers = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
     assert trainers, "tunery run has no trainer child"
     run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=120) == 128 + signal.SIGTERM
+    assert run.wait(timeout=120) == contract.EXIT_RETRYABLE
     run.stderr.close()
     for pid in map(int, trainers):
         deadline = time.monotonic() + 30
