@@ -1,9 +1,10 @@
-"""Benchmark: training on examples padded to maxLength (the textbook path) against Tunery's packed rows.
+"""Benchmark: training on examples padded to maxLength (the textbook path) against Tunery's flattened micro-batches.
 
 Both paths train the same randomly initialised Llama-shaped model with AdamW on the same synthetic texts,
 whose token lengths are long-tailed (most short, a few past maxLength). The textbook path pads every example
-to maxLength with a 2D attention mask; Tunery's path is `tokenize()` + `pack()` + `collator()` (4D
-block-diagonal document mask, position ids restarting per document), with the same number of rows per batch.
+to maxLength with a 2D attention mask; Tunery's path is `tokenize()` + `flatten()` (each batch's examples end to
+end in one row, position ids restarting per document, no mask) under its CPU kernel, SDPA per document; both
+paths see the same examples per step.
 Each path times `--steps` optimiser steps after 2 warm-up steps, the two paths' steps interleaved, and
 projects one pass over all the examples as batches per pass x mean step time; `--steps 0` times the whole pass
 instead. Prints a markdown table last and writes packing.json beside this script.
@@ -24,9 +25,10 @@ from typing import Any
 import torch
 import transformers
 
-from tunery_trainer.batching import collator
+from tunery_trainer.attention import packed_kernel
+from tunery_trainer.batching import flatten
 from tunery_trainer.modeling import train_tokenizer
-from tunery_trainer.tokenization import IGNORE_INDEX, pack, tokenize
+from tunery_trainer.tokenization import IGNORE_INDEX, tokenize
 
 WARMUP_STEPS = 2
 MODEL_CONFIG = {
@@ -65,7 +67,7 @@ def synthetic_texts(count: int, seed: int) -> list[str]:
     return texts
 
 
-def build_model(tokenizer: Any, max_length: int, seed: int) -> torch.nn.Module:
+def build_model(tokenizer: Any, max_length: int, seed: int, attention: str) -> torch.nn.Module:
     """Built afresh with the same seed for each path, so both start from the same weights."""
     config = transformers.LlamaConfig(
         **MODEL_CONFIG,
@@ -76,7 +78,7 @@ def build_model(tokenizer: Any, max_length: int, seed: int) -> torch.nn.Module:
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention)
 
 
 def textbook_path(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[int, Callable[[list[int]], Batch]]:
@@ -100,16 +102,14 @@ def textbook_path(tokenizer: Any, texts: Sequence[str], max_length: int) -> tupl
 
 
 def tunery_path(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[int, Callable[[list[int]], Batch]]:
-    """Tunery's own tokenize(), pack() and collator(), as the trainer calls them for causal-lm with SDPA."""
+    """Tunery's own tokenize() and flatten(), as the trainer lays out causal-LM micro-batches with packing on."""
     sequences = tokenize("causal-lm", tokenizer, [{"text": text} for text in texts], [], max_length, []).train
-    rows = pack(sequences, max_length)
-    collate = collator("causal-lm", tokenizer, "sdpa")
 
     def batch(group: list[int]) -> Batch:
-        chosen = [rows[index] for index in group]
-        return collate(chosen), sum(len(row["input_ids"]) for row in chosen)
+        chosen = [sequences[index] for index in group]
+        return flatten(chosen), sum(len(sequence["input_ids"]) for sequence in chosen)
 
-    return len(rows), batch
+    return len(sequences), batch
 
 
 def batch_groups(count: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -131,14 +131,16 @@ def pass_stats(groups: list[list[int]], make_batch: Callable[[list[int]], Batch]
 class DataPath:
     """One data path under test: its batches for one pass, and a model with its own AdamW optimiser."""
 
-    def __init__(self, name: str, build: Callable, tokenizer: Any, texts: Sequence[str], args: argparse.Namespace):
+    def __init__(
+        self, name: str, build: Callable, attention: str, tokenizer: Any, texts: Sequence[str], args: argparse.Namespace
+    ):
         self.name = name
         started = time.perf_counter()
         self.count, self.make_batch = build(tokenizer, texts, args.max_length)
         self.prep_s = time.perf_counter() - started
         self.groups = batch_groups(self.count, args.batch_size, args.seed)
         self.stats = pass_stats(self.groups, self.make_batch)
-        self.model = build_model(tokenizer, args.max_length, args.seed)
+        self.model = build_model(tokenizer, args.max_length, args.seed, attention)
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         # Warm-up steps pay for first-call allocations and kernel selection; they are not timed.
@@ -208,7 +210,7 @@ def length_summary(tokenizer: Any, texts: Sequence[str], max_length: int) -> dic
 def table_rows(whole_pass: bool) -> list[tuple[str, str, str]]:
     """(label, result key, format) of each table row."""
     return [
-        ("sequences (examples / packed rows)", "sequences", "{:d}"),
+        ("examples", "sequences", "{:d}"),
         ("optimiser steps per pass", "batches", "{:d}"),
         ("tokens computed per pass", "computed_tokens", "{:d}"),
         ("real tokens per pass", "real_tokens", "{:d}"),
@@ -228,7 +230,8 @@ def write_and_print(
         "settings": {
             **vars(args),
             "warmup_steps": WARMUP_STEPS,
-            "model": {"architecture": "llama", "attn_implementation": "sdpa", **MODEL_CONFIG},
+            "model": {"architecture": "llama", **MODEL_CONFIG},
+            "attention": {"textbook": "sdpa", "tunery": packed_kernel(torch.device("cpu"))},
             "vocab_size": vocab_size,
             "optimizer": "AdamW(lr=1e-4)",
             "torch": torch.__version__,
@@ -242,7 +245,7 @@ def write_and_print(
     Path(__file__).with_suffix(".json").write_text(json.dumps(result, indent=2))
     print(
         f"\n{args.examples} examples, maxLength {args.max_length}, {args.batch_size} sequences per step, "
-        f"{args.threads} CPU threads (textbook: padded to maxLength; tunery: tokenize + pack + collator)\n"
+        f"{args.threads} CPU threads (textbook: padded to maxLength; tunery: tokenize + flatten, SDPA per document)\n"
     )
     print("| measure | textbook | tunery | ratio tunery/textbook |")
     print("|---|---|---|---|")
@@ -255,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences (textbook) or packed rows per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step (both paths)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimiser steps per path; 0 times a full pass")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -266,8 +269,8 @@ def main() -> None:
     lengths = length_summary(tokenizer, texts, args.max_length)
     print(f"{args.examples} examples, token lengths {lengths}")
     paths = [
-        DataPath("textbook", textbook_path, tokenizer, texts, args),
-        DataPath("tunery", tunery_path, tokenizer, texts, args),
+        DataPath("textbook", textbook_path, "sdpa", tokenizer, texts, args),
+        DataPath("tunery", tunery_path, packed_kernel(torch.device("cpu")), tokenizer, texts, args),
     ]
     run_interleaved(paths)
     textbook, tunery = (path.result(whole_pass=args.steps == 0) for path in paths)

@@ -1,4 +1,4 @@
-"""The data order is a pure function of (seed, step, rank); micro-batches pad to their longest; packed rows stay apart."""
+"""The data order is a pure function of (seed, step, rank); micro-batches pad to their longest; flattened documents stay apart."""
 
 from pathlib import Path
 from typing import Any
@@ -7,8 +7,9 @@ import pytest
 import torch
 from tiny_models import minilm_path, sentences
 
-from tunery_trainer.batching import Schedule, collator, document_mask, step_seed
-from tunery_trainer.tokenization import IGNORE_INDEX, pack, tokenize
+from tunery_trainer.attention import PER_DOCUMENT_SDPA, packed_kernel
+from tunery_trainer.batching import Schedule, collator, flatten, step_seed
+from tunery_trainer.tokenization import IGNORE_INDEX, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_sequence_classification_pads_to_the_longest_in_the_batch(wordpiece: Any
     data = tokenize(
         "sequence-classification", wordpiece, [{"text": t, "label": "b"} for t in texts], [], 512, ["a", "b"]
     )
-    batch = collator("sequence-classification", wordpiece, "sdpa")(data.train[:2])
+    batch = collator("sequence-classification", wordpiece, False)(data.train[:2])
     lengths = [len(sequence["input_ids"]) for sequence in data.train[:2]]
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["labels"].tolist() == [1, 1]
@@ -114,7 +115,7 @@ def test_token_classification_pads_labels_with_ignore_index(wordpiece: Any) -> N
     data = tokenize("token-classification", wordpiece, examples, [], 512, ["O", "B"])
     short, long = (len(sequence["input_ids"]) for sequence in data.train)
     assert short < long
-    batch = collator("token-classification", wordpiece, "sdpa")(data.train)
+    batch = collator("token-classification", wordpiece, False)(data.train)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, long)
     assert batch["labels"][0].tolist() == data.train[0]["labels"] + [IGNORE_INDEX] * (long - short)
     assert batch["attention_mask"].tolist() == [[1] * short + [0] * (long - short), [1] * long]
@@ -124,7 +125,7 @@ def test_token_classification_pads_labels_with_ignore_index(wordpiece: Any) -> N
 def test_masked_lm_masks_some_tokens_and_labels_only_those(wordpiece: Any) -> None:
     texts = [" ".join(sentences(6, seed=seed)) for seed in range(4)] + ["red"]
     data = tokenize("masked-lm", wordpiece, [{"text": text} for text in texts], [], 512, [])
-    collate = collator("masked-lm", wordpiece, "sdpa")
+    collate = collator("masked-lm", wordpiece, False)
     torch.manual_seed(0)
     batch = collate(data.train)
     torch.manual_seed(0)
@@ -147,71 +148,60 @@ def test_masked_lm_masks_some_tokens_and_labels_only_those(wordpiece: Any) -> No
     assert not (chosen & special).any()
 
 
-# Packed rows
+# Flattened micro-batches
 
 
-def test_document_mask_is_causal_and_block_diagonal() -> None:
-    documents = torch.tensor([[0, 0, 1, 1, 1, -1]])
-    allowed = document_mask(documents, "sdpa")
-    assert allowed.dtype == torch.bool and allowed.shape == (1, 1, 6, 6)
-    expected = [
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [0, 0, 1, 0, 0, 0],
-        [0, 0, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1],
+def test_flatten_lays_documents_end_to_end_and_marks_their_bounds() -> None:
+    docs = [
+        {"input_ids": [10, 11, 12], "labels": [IGNORE_INDEX, 11, 12]},
+        {"input_ids": [20, 21], "labels": [20, 21]},
+        {"input_ids": [30, 31, 32, 33], "labels": [30, 31, 32, 33]},
     ]
-    assert allowed[0, 0].int().tolist() == expected
-    additive = document_mask(documents, "eager")
-    assert additive.dtype == torch.float32
-    assert torch.equal(additive == 0, allowed)
-    assert (additive[~allowed] == torch.finfo(torch.float32).min).all()
+    batch = flatten(docs)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31, 32, 33]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    # No document learns to predict the next one's first token.
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 11, 12, IGNORE_INDEX, 21, IGNORE_INDEX, 31, 32, 33]]
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 3, 5, 9]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["max_length_q"] == batch["max_length_k"] == 4
+    assert "attention_mask" not in batch
 
 
-def packed_rows(tokenizer: Any) -> list[dict[str, list[int]]]:
-    docs = tokenize("causal-lm", tokenizer, [{"text": text} for text in sentences(7, seed=3)], [], 64, []).train
-    rows = pack(docs, 32)[:2]
-    # Two rows of different lengths (so one is padded), each with several documents.
-    assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
-    assert all(row["document_ids"][-1] >= 1 for row in rows)
-    return rows
-
-
-def forward(model: Any, batch: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        # use_cache=False as in training (it also decides how transformers reads position_ids without a 4D mask).
-        return model(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            attention_mask=attention_mask,
-            use_cache=False,
-        ).logits
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_a_packed_document_sees_only_itself(tiny_llama: Path, attention: str) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_a_causal_lm_collator_flattens_only_when_asked(tiny_llama: Path) -> None:
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attention).eval()
-    rows = packed_rows(tokenizer)
-    batch = collator("causal-lm", tokenizer, attention)(rows)
-    longest = max(len(row["input_ids"]) for row in rows)
-    assert batch["attention_mask"].shape == (2, 1, longest, longest)
-    packed = forward(model, batch, batch["attention_mask"])
-    assert torch.isfinite(packed).all()
+    docs = tokenize("causal-lm", tokenizer, [{"text": text} for text in sentences(3, seed=3)], [], 64, []).train
+    assert collator("causal-lm", tokenizer, True)(docs).keys() == flatten(docs).keys()
+    padded = collator("causal-lm", tokenizer, False)(docs)
+    assert padded["input_ids"].shape == (3, max(len(doc["input_ids"]) for doc in docs))
 
-    # The counterfactual: the same tensors with the document boundaries taken out of the mask (padding stays apart).
-    merged_ids = torch.tensor([row["document_ids"] + [-1] * (longest - len(row["document_ids"])) for row in rows])
-    unmasked = forward(model, batch, document_mask(merged_ids.clamp(max=0), attention))
 
-    for number, row in enumerate(rows):
-        documents = torch.tensor(row["document_ids"])
-        for document in range(int(documents.max()) + 1):
-            span = (documents == document).nonzero().flatten()
-            with torch.no_grad():
-                alone = model(input_ids=torch.tensor([row["input_ids"]])[:, span], use_cache=False).logits[0]
-            torch.testing.assert_close(packed[number, span], alone, atol=1e-4, rtol=0)
-            difference = (unmasked[number, span] - alone).abs().max()
-            assert difference < 1e-4 if document == 0 else difference > 1e-2
+def logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch, use_cache=False).logits
+
+
+@pytest.mark.parametrize("kernel", [PER_DOCUMENT_SDPA, "flex_attention"])
+def test_a_flattened_document_sees_only_itself(tiny_llama: Path, kernel: str) -> None:
+    """Each document of a flattened row gets the logits it gets alone; plain causal attention over the row does not."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert packed_kernel(torch.device("cpu")) == PER_DOCUMENT_SDPA
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    docs = tokenize("causal-lm", tokenizer, [{"text": text} for text in sentences(4, seed=3)], [], 64, []).train
+    batch = flatten(docs)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=kernel).eval()
+    flattened = logits(model, batch)[0]
+    # The counterfactual: plain causal attention over the whole row (a 2D mask stops transformers from finding the
+    # documents in the position ids).
+    model.set_attn_implementation("sdpa")
+    row = {key: batch[key] for key in ("input_ids", "position_ids")}
+    across = logits(model, row | {"attention_mask": torch.ones_like(batch["input_ids"])})[0]
+    bounds = batch["cu_seq_lens_q"].tolist()
+    for number, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        alone = logits(model, {"input_ids": torch.tensor([docs[number]["input_ids"]])})[0]
+        torch.testing.assert_close(flattened[start:end], alone, atol=1e-5, rtol=0)
+        difference = (across[start:end] - alone).abs().max()
+        assert difference < 1e-5 if number == 0 else difference > 1e-2

@@ -1,14 +1,12 @@
 """Token ids and labels: completion-only loss for prompts and chats, tag alignment to word pieces, packing."""
 
-import random
-from collections import Counter
 from itertools import groupby
 from typing import Any
 
 import pytest
 from tiny_models import decoder, minilm_path
 
-from tunery_trainer.tokenization import CHARS_PER_TOKEN, DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, pack, tokenize
+from tunery_trainer.tokenization import CHARS_PER_TOKEN, DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, tokenize
 
 # What the ChatML template puts after every message; an assistant turn's loss may cover it (it ends the turn).
 END_OF_TURN = "<|im_end|>\n"
@@ -251,85 +249,3 @@ def test_a_huge_row_is_cut_before_the_tokenizer_sees_it(
     data = tokenize(task, spy, [example], [], HUGE_LENGTH, ["O", "pos"])
     assert data.truncated == 1
     assert len(data.train[0]["input_ids"]) == HUGE_LENGTH
-
-
-# Packing
-
-
-def documents(count: int, shortest: int, longest: int, seed: int = 0) -> list[dict[str, list[int]]]:
-    """Documents whose tokens name them (document * 1000 + position), with some unlabelled prompt tokens."""
-    generator = random.Random(seed)
-    result = []
-    for number in range(count):
-        ids = [number * 1000 + position for position in range(generator.randint(shortest, longest))]
-        prompt = generator.randint(0, 3)
-        result.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
-    return result
-
-
-def test_pack_keeps_every_document_whole_and_marks_its_boundaries() -> None:
-    docs = documents(200, 5, 60)
-    rows = pack(docs, 256)
-    assert all(len(row["input_ids"]) <= 256 for row in rows)
-    assert Counter(token for row in rows for token in row["input_ids"]) == Counter(
-        token for doc in docs for token in doc["input_ids"]
-    )
-    seen = set()
-    for row in rows:
-        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == len(row["document_ids"])
-        assert row["document_ids"][0] == 0 and row["position_ids"][0] == 0
-        document_ids = row["document_ids"]
-        for previous, current in zip(document_ids, document_ids[1:], strict=False):
-            assert current - previous in (0, 1)
-        for document in range(document_ids[-1] + 1):
-            span = [index for index, owner in enumerate(document_ids) if owner == document]
-            ids = [row["input_ids"][index] for index in span]
-            number = ids[0] // 1000
-            assert number not in seen
-            seen.add(number)
-            doc = docs[number]
-            assert ids == doc["input_ids"]
-            assert [row["position_ids"][index] for index in span] == list(range(len(ids)))
-            assert [row["labels"][index] for index in span] == [IGNORE_INDEX, *doc["labels"][1:]]
-    assert seen == set(range(len(docs)))
-
-
-def test_pack_fills_rows() -> None:
-    docs = documents(200, 5, 60, seed=1)
-    rows = pack(docs, 256)
-    tokens = sum(len(doc["input_ids"]) for doc in docs)
-    assert tokens / (len(rows) * 256) > 0.9
-
-
-def test_pack_gives_a_full_length_document_its_own_row() -> None:
-    docs = [{"input_ids": [1] * 8, "labels": [1] * 8}, {"input_ids": [2] * 3, "labels": [2] * 3}]
-    rows = pack(docs + [{"input_ids": [3] * 5, "labels": [3] * 5}], 8)
-    assert [row["input_ids"] for row in rows] == [[1] * 8, [3] * 5 + [2] * 3]
-    assert rows[1]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2]
-    assert rows[1]["labels"] == [IGNORE_INDEX, 3, 3, 3, 3, IGNORE_INDEX, 2, 2]
-    assert pack([], 8) == []
-
-
-def first_fit_decreasing(lengths: list[int], size: int) -> list[list[int]]:
-    """The textbook first-fit decreasing (scan every row), as the oracle for pack's tree."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda index: (-lengths[index], index)):
-        slot = next((row for row, free in enumerate(room) if free >= lengths[index]), None)
-        if slot is None:
-            rows.append([])
-            room.append(size)
-            slot = len(rows) - 1
-        rows[slot].append(index)
-        room[slot] -= lengths[index]
-    return rows
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_pack_lays_out_rows_exactly_as_first_fit_decreasing(seed: int) -> None:
-    generator = random.Random(seed)
-    lengths = [generator.choice([1, 2, 3, 7, 31, 64, 100, 127, 128]) for _ in range(generator.randint(1, 400))]
-    docs = [{"input_ids": [index] * length, "labels": [index] * length} for index, length in enumerate(lengths)]
-    rows = pack(docs, 128)
-    expected = [[docs[index]["input_ids"] for index in row] for row in first_fit_decreasing(lengths, 128)]
-    assert [[list(ids) for _, ids in groupby(row["input_ids"])] for row in rows] == expected

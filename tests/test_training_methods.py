@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import WARM, decoder, encoder, minilm_path, sentence_parts, sentences, write_jsonl
 
+from tunery.api.spec import FineTuneJobSpec
 from tunery.local_run import local_config
 from tunery_trainer.job import run
 from tunery_trainer.metrics import TrainerMetrics
@@ -278,3 +279,32 @@ def test_pretraining_from_scratch_trains_a_tokenizer(tmp_path: Path, datasets: d
     tokenizer = AutoTokenizer.from_pretrained(published / MODEL_DIR)
     assert len(tokenizer) <= 300 and tokenizer.eos_token == "</s>"
     check_inference(load_published(published, "causal-lm", "full", Path()), published, "causal-lm")
+
+
+@pytest.mark.parametrize(
+    ("method", "precision", "device", "expected"),
+    [
+        ("lora", "bf16", "cuda", torch.bfloat16),
+        ("ia3", "bf16", "cuda", torch.bfloat16),
+        ("full", "bf16", "cuda", None),
+        ("bitfit", "bf16", "cuda", None),
+        ("qlora", "bf16", "cuda", None),
+        ("lora", "fp32", "cuda", None),
+        ("lora", "bf16", "cpu", None),
+    ],
+)
+def test_frozen_base_weights_are_bf16_only_for_adapters_computing_in_bf16_on_a_gpu(
+    method: str, precision: str, device: str, expected: torch.dtype | None
+) -> None:
+    from tunery_trainer.modeling import frozen_base_dtype
+
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "baseModel": {"uri": "file:///base/"},
+            "dataset": {"train": "file:///train.jsonl"},
+            "output": {"uri": "file:///out/"},
+            "method": {"type": method},
+            "hyperparameters": {"precision": precision},
+        }
+    )
+    assert frozen_base_dtype(spec, torch.device(device)) == expected

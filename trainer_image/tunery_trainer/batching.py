@@ -1,5 +1,6 @@
 """Which sequences make each micro-batch (a pure function of seed, epoch and step), and how they become tensors."""
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -7,7 +8,11 @@ from typing import Any
 
 import torch
 
+from tunery.api.spec import FineTuneJobSpec
 from tunery_trainer.tokenization import IGNORE_INDEX
+
+# Prompt and prefix tuning prepend virtual tokens, which PEFT does not combine with per-document positions.
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "prefix-tuning")
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,19 @@ class Schedule:
         return torch.randperm(self.sequences, generator=generator).tolist()
 
 
+def flattens(spec: FineTuneJobSpec) -> bool:
+    """Whether micro-batches are flattened (dataset.packing, causal-LM, methods without virtual tokens)."""
+    return spec.task == "causal-lm" and spec.dataset.packing and spec.method.type not in VIRTUAL_TOKEN_METHODS
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Dropout and masking draw from a generator seeded per step and rank: a resumed run draws the same numbers."""
     return (seed * 1_000_003 + step * 101 + rank) % (2**63)
 
 
-def collator(
-    task: str, tokenizer: Any, attention: str
-) -> Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]:
-    """The function that pads one micro-batch to its longest sequence (never to maxLength)."""
+def collator(task: str, tokenizer: Any, flattened: bool) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+    """The function that lays out one micro-batch: padded to its longest sequence (never to maxLength), or, when
+    `flattened` (packing), laid end to end in one row with no padding at all."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if task == "masked-lm":
         from transformers import DataCollatorForLanguageModeling
@@ -68,25 +77,37 @@ def collator(
             **_padded(batch, pad_id),
             "labels": torch.tensor([item["label"] for item in batch]),
         }
-    return lambda batch: _padded(batch, pad_id, attention)
+    return flatten if flattened else lambda batch: _padded(batch, pad_id)
 
 
-def _padded(batch: Sequence[dict[str, Any]], pad_id: int, attention: str = "") -> dict[str, torch.Tensor]:
+def flatten(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The examples end to end in a single row, told apart by position ids that restart at each document and by
+    the documents' cumulative lengths (what variable-length attention kernels read); no mask, no padding.
+
+    Each document's first token has no label, so no document learns to predict the next one; unpacked, that
+    token has none either (a causal model's labels shift by one).
+    """
+    lengths = [len(item["input_ids"]) for item in batch]
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([[token for item in batch for token in item["input_ids"]]]),
+        "labels": torch.tensor([[label for item in batch for label in (IGNORE_INDEX, *item["labels"][1:])]]),
+        "position_ids": torch.tensor([[position for length in lengths for position in range(length)]]),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+
+def _padded(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     longest = max(len(item["input_ids"]) for item in batch)
     tensors: dict[str, torch.Tensor] = {
         "input_ids": _stack([item["input_ids"] for item in batch], longest, pad_id),
+        "attention_mask": _stack([[1] * len(item["input_ids"]) for item in batch], longest, 0),
     }
     if "labels" in batch[0]:
         tensors["labels"] = _stack([item["labels"] for item in batch], longest, IGNORE_INDEX)
-    if "document_ids" in batch[0]:
-        tensors["position_ids"] = torch.stack(
-            [torch.tensor(item["position_ids"] + list(range(longest - len(item["position_ids"])))) for item in batch]
-        )
-        tensors["attention_mask"] = document_mask(
-            _stack([item["document_ids"] for item in batch], longest, -1), attention
-        )
-    else:
-        tensors["attention_mask"] = _stack([[1] * len(item["input_ids"]) for item in batch], longest, 0)
     return tensors
 
 
@@ -94,16 +115,9 @@ def _stack(rows: Sequence[Sequence[int]], length: int, fill: int) -> torch.Tenso
     return torch.tensor([list(row) + [fill] * (length - len(row)) for row in rows], dtype=torch.long)
 
 
-def document_mask(document_ids: torch.Tensor, attention: str) -> torch.Tensor:
-    """A causal mask that is also block-diagonal by document: packed examples never attend to each other.
-
-    Shape (batch, 1, query, key). SDPA takes it as booleans; the eager implementation adds it to the scores.
-    Padding is a document of its own (id -1), so no row is fully masked.
-    """
-    length = document_ids.shape[1]
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    allowed = (same_document & causal)[:, None]
-    if attention == "sdpa":
-        return allowed
-    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (copied without blocking from pinned memory on a GPU); other values as they are."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }

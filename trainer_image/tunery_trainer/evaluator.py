@@ -7,10 +7,11 @@ from typing import Any
 import torch
 
 from tunery.api.spec import EvalMetric, Task
+from tunery_trainer.batching import to_device
 from tunery_trainer.evaluation import classification_metrics, entity_metrics
 from tunery_trainer.tokenization import IGNORE_INDEX
 
-Batch = dict[str, torch.Tensor]
+Batch = dict[str, Any]
 # Scored from the predicted labels or tags, which only these metrics need collected.
 PREDICTION_METRICS = frozenset({"accuracy", "precision", "recall", "f1"})
 
@@ -39,15 +40,17 @@ def evaluate(
     # Masked-LM masking draws random numbers: the same positions every evaluation make the losses comparable.
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
-    total_loss, total_weight = 0.0, 0
+    # Summed on the device: reading it once at the end keeps the host from waiting on every batch.
+    total_loss, total_weight = torch.zeros((), device=device), 0
     predictions: list[Any] = []
     references: list[Any] = []
     for start in range(0, len(validation), batch_size):
-        batch = {key: value.to(device) for key, value in collate(validation[start : start + batch_size]).items()}
+        batch = collate(validation[start : start + batch_size])
+        weight = _loss_weight(task, batch["labels"])
+        batch = to_device(batch, device)
         with autocast():
             output = model(**batch)
-        weight = _loss_weight(task, batch["labels"])
-        total_loss += float(output.loss) * weight
+        total_loss += output.loss.detach().float() * weight
         total_weight += weight
         if predicts and task == "sequence-classification":
             predictions += output.logits.argmax(-1).tolist()
@@ -56,7 +59,7 @@ def evaluate(
             _collect_tags(output.logits.argmax(-1), batch["labels"], label_names, predictions, references)
     torch.random.set_rng_state(generator_state)
     model.train(was_training)
-    loss = total_loss / max(total_weight, 1)
+    loss = float(total_loss) / max(total_weight, 1)
     scores = {"loss": loss}
     if task in ("causal-lm", "masked-lm"):
         scores["perplexity"] = math.exp(min(loss, 50.0))

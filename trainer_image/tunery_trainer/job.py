@@ -13,6 +13,8 @@ import torch.distributed as torch_distributed
 from tunery.api.spec import FineTuneJobSpec
 from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import checkpoints, sharding
+from tunery_trainer.attention import attention_kernel
+from tunery_trainer.batching import flattens
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.data import DataError, PreparedData, prepare
 from tunery_trainer.metrics import TrainerMetrics
@@ -21,13 +23,10 @@ from tunery_trainer.progress import ProgressReporter
 from tunery_trainer.publishing import publish_model
 from tunery_trainer.reporting import Reporter
 from tunery_trainer.storage import S3Settings, Storage, download_from_hub
-from tunery_trainer.tokenization import TokenizedData, pack, tokenize
+from tunery_trainer.tokenization import TokenizedData, tokenize
 from tunery_trainer.training import Distributed, Hooks, is_sharded, train
 
 logger = logging.getLogger("tunery_trainer")
-
-# Prompt and prefix tuning prepend virtual tokens, which PEFT does not combine with per-document positions.
-_UNPACKABLE_METHODS = ("prompt-tuning", "prefix-tuning")
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,15 @@ def run(
     """Train the configured revision, resuming from its latest complete checkpoint, and publish the model."""
     spec = config.spec
     distributed = start_distributed()
+    layout = _layout(spec, distributed)
+    logger.info(
+        "training on %d process(es), %s: a step is %d examples; micro-batches %s; attention %s",
+        distributed.world_size,
+        distributed.device,
+        layout["examplesPerStep"],
+        layout["layout"],
+        layout["attention"],
+    )
     storage = Storage(S3Settings.from_spec(spec.storage))
     fetch_started = time.perf_counter()
     prepared = _fetch_and_prepare(config, storage, workdir)
@@ -136,7 +144,7 @@ def run(
             tokenizer,
             model_dir,
             progress,
-            _data_stats(prepared, tokenized),
+            _data_stats(prepared, tokenized) | layout,
             prepared.label_names,
             workdir,
         )
@@ -205,9 +213,17 @@ def _tokenized(spec: FineTuneJobSpec, tokenizer: Any, prepared: PreparedData) ->
             f"{dataset.train}: no training sequence is left after tokenisation with maxLength {dataset.max_length} "
             "(every completion was truncated away): raise dataset.maxLength or shorten the prompts"
         )
-    if spec.task == "causal-lm" and dataset.packing and spec.method.type not in _UNPACKABLE_METHODS:
-        tokenized.train = pack(tokenized.train, dataset.max_length)
     return tokenized
+
+
+def _layout(spec: FineTuneJobSpec, distributed: Distributed) -> dict[str, Any]:
+    """What one optimiser step is and how its examples are laid out: the first log line and the model card say it."""
+    settings = spec.hyperparameters
+    return {
+        "examplesPerStep": settings.batch_size * settings.gradient_accumulation_steps * distributed.world_size,
+        "layout": "flattened into one row, no padding" if flattens(spec) else "padded to their longest example",
+        "attention": attention_kernel(spec, distributed.device),
+    }
 
 
 def _data_stats(prepared: PreparedData, tokenized: TokenizedData) -> dict[str, Any]:

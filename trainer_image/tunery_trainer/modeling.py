@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from tunery.api.spec import FineTuneJobSpec, LoraSettings, PromptTuningSettings, QloraSettings, Task
+from tunery_trainer.attention import attention_kernel
 from tunery_trainer.failures import UnsupportedError
 from tunery_trainer.tokenization import DEFAULT_CHAT_TEMPLATE
 
@@ -83,6 +84,8 @@ def load_model(
     from transformers import AutoConfig
 
     label_args = label_arguments(label_names)
+    attention = attention_kernel(spec, device)
+    stored_as = {"dtype": dtype} if (dtype := frozen_base_dtype(spec, device)) else {}
     if model_dir is None:
         config = AutoConfig.for_model(
             spec.base_model.architecture,
@@ -91,13 +94,14 @@ def load_model(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        model = auto_class(spec.task).from_config(config, attn_implementation="sdpa")
+        model = auto_class(spec.task).from_config(config, attn_implementation=attention, **stored_as)
     else:
         model = auto_class(spec.task).from_pretrained(
             model_dir,
             trust_remote_code=spec.base_model.trust_remote_code,
-            attn_implementation="sdpa",
+            attn_implementation=attention,
             **label_args,
+            **stored_as,
             **_quantization(spec, device),
         )
     if model.config.pad_token_id is None:
@@ -107,6 +111,26 @@ def load_model(
     if spec.hyperparameters.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_method(spec, model, model_dir or Path("."))
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda" and precision == "fp16":
+        raise UnsupportedError("hyperparameters.precision fp16 needs a GPU: use bf16, fp32 or auto on CPU")
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def frozen_base_dtype(spec: FineTuneJobSpec, device: torch.device) -> torch.dtype | None:
+    """bf16 for the base weights that an adapter method freezes, when the run computes in bf16 on a GPU (the
+    adapters PEFT adds stay fp32); None keeps the weights as stored. QLoRA quantises them instead."""
+    frozen = spec.method.type in ADAPTER_METHODS and spec.method.type != "qlora"
+    if not frozen or device.type != "cuda":
+        return None
+    return torch.bfloat16 if precision_dtype(spec.hyperparameters.precision, device) == torch.bfloat16 else None
 
 
 def _quantization(spec: FineTuneJobSpec, device: torch.device) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Turn prepared examples into token ids and labels: chat templates, completion-only loss, label alignment, packing."""
+"""Turn prepared examples into token ids and labels: chat templates, completion-only loss, label alignment."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,60 +148,3 @@ def _aligned_tags(
         previous = word
     ids = encoded["input_ids"]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, len(ids) > max_length
-
-
-def pack(sequences: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """First-fit-decreasing packing of causal-LM sequences into rows of at most max_length tokens.
-
-    Each row keeps where its documents start (`position_ids` restart at 0) and which document each token
-    belongs to (`document_ids`), so that training can mask attention across documents; the first token of
-    each document has no label, so no document learns to predict the next one. O(n log n): the first row with
-    room is found in a tree of the rows' free space, not by scanning them.
-    """
-    order = sorted(range(len(sequences)), key=lambda index: (-len(sequences[index]["input_ids"]), index))
-    free = _FreeSpace(len(order), max_length)
-    rows: list[list[int]] = []
-    for index in order:
-        length = len(sequences[index]["input_ids"])
-        # A sequence longer than a row (never after truncation) gets a row of its own, as the next new row.
-        slot = free.first_with(length) if length <= max_length else len(rows)
-        if slot == len(rows):
-            rows.append([])
-        rows[slot].append(index)
-        free.take(slot, length)
-    return [_packed_row([sequences[index] for index in row]) for row in rows]
-
-
-class _FreeSpace:
-    """The free tokens of `count` rows (all `size` at first) in a max segment tree: the leftmost row with room
-    for a length in O(log count). Rows not used yet are all free, so the leftmost is a used row or the next one."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._leaves = 1
-        while self._leaves < max(count, 1):
-            self._leaves *= 2
-        self._tree = [size] * (2 * self._leaves)
-
-    def first_with(self, length: int) -> int:
-        node = 1
-        while node < self._leaves:
-            node = 2 * node if self._tree[2 * node] >= length else 2 * node + 1
-        return node - self._leaves
-
-    def take(self, row: int, length: int) -> None:
-        node = row + self._leaves
-        self._tree[node] -= length
-        while node > 1:
-            node //= 2
-            self._tree[node] = max(self._tree[2 * node], self._tree[2 * node + 1])
-
-
-def _packed_row(documents: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
-    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "document_ids": []}
-    for number, document in enumerate(documents):
-        length = len(document["input_ids"])
-        row["input_ids"] += document["input_ids"]
-        row["labels"] += [IGNORE_INDEX, *document["labels"][1:]]
-        row["position_ids"] += list(range(length))
-        row["document_ids"] += [number] * length
-    return row

@@ -5,6 +5,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,11 +14,12 @@ import torch.distributed as torch_distributed
 
 from tunery.api.spec import FineTuneJobSpec
 from tunery_trainer import preemption, sharding
-from tunery_trainer.batching import Schedule, collator, step_seed
+from tunery_trainer.batching import Schedule, collator, flattens, step_seed, to_device
 from tunery_trainer.checkpoints import Progress
 from tunery_trainer.evaluator import evaluate
 from tunery_trainer.failures import UnsupportedError
-from tunery_trainer.modeling import restore_weights, trainable_parameters
+from tunery_trainer.loss import ChunkedLoss, chunks_the_loss
+from tunery_trainer.modeling import precision_dtype, restore_weights, trainable_parameters
 from tunery_trainer.tokenization import TokenizedData
 
 logger = logging.getLogger(__name__)
@@ -47,20 +49,11 @@ class Distributed:
         if self.world_size > 1:
             torch_distributed.barrier()
 
-    def mean(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch_distributed.all_reduce(tensor)
-        return float(tensor) / self.world_size
-
-    def any_rank(self, flag: bool) -> bool:
-        """Whether any rank's flag is set: every rank takes the same branch, so collectives stay matched."""
-        if self.world_size == 1:
-            return flag
-        tensor = torch.tensor([int(flag)], device=self.device)
-        torch_distributed.all_reduce(tensor, op=torch_distributed.ReduceOp.MAX)
-        return bool(tensor)
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of `values` over the ranks, in one collective (the values themselves with one rank)."""
+        if self.world_size > 1:
+            torch_distributed.all_reduce(values)
+        return values
 
 
 @dataclass
@@ -71,17 +64,6 @@ class Hooks:
     on_step: Callable[[Progress, int, dict[str, float], dict[str, Any]], None] = lambda *_: None
     on_eval: Callable[[Progress, dict[str, float]], None] = lambda *_: None
     save_checkpoint: Callable[[Progress, dict[str, torch.Tensor], dict[str, Any]], None] = lambda *_: None
-
-
-def precision_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda" and precision == "fp16":
-        raise UnsupportedError("hyperparameters.precision fp16 needs a GPU: use bf16, fp32 or auto on CPU")
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def build_optimizer(spec: FineTuneJobSpec, parameters: list[torch.nn.Parameter], device: torch.device):
@@ -136,7 +118,7 @@ def train(
         settings.seed,
     )
     total_steps = schedule.total_steps(settings.epochs, settings.max_steps)
-    collate = collator(spec.task, tokenizer, model.config._attn_implementation or "sdpa")
+    collate = collator(spec.task, tokenizer, flattens(spec))
     autocast_dtype = precision_dtype(settings.precision, device)
     sharded = is_sharded(spec, distributed)
     if sharded and autocast_dtype == torch.float16:
@@ -173,10 +155,12 @@ def train(
             optimizer.load_state_dict(training_state["optimizer"])
         scheduler.load_state_dict(training_state["scheduler"])
         scaler.load_state_dict(training_state["scaler"])
-    trained = model
+    # The module whose forward pass gives the loss: FSDP gathers the head's weights only inside the model's own.
+    scored = model if sharded or not chunks_the_loss(spec, model) else ChunkedLoss(model)
+    trained = scored
     if distributed.world_size > 1 and not sharded:
         trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            scored, device_ids=[device.index] if device.type == "cuda" else None
         )
 
     def run_evaluation() -> dict[str, float]:
@@ -184,7 +168,7 @@ def train(
         # A sharded model's forward pass is a collective, so every rank evaluates; rank 0 reports.
         if (distributed.is_main or sharded) and data.validation:
             raw = evaluate(
-                model,
+                scored,
                 spec.task,
                 data.validation,
                 collate,
@@ -212,63 +196,103 @@ def train(
             hooks.save_checkpoint(progress, weights, training_state)
         distributed.barrier()
 
+    def collated(step: int) -> list[dict[str, Any]]:
+        micro_batches = [
+            collate([data.train[index] for index in indices])
+            for indices in schedule.micro_batches(step, distributed.rank)
+        ]
+        # Pinned host memory lets the copy to the GPU run without blocking the step that is computing.
+        return [_pinned(batch) for batch in micro_batches] if device.type == "cuda" else micro_batches
+
+    # Masked-LM masking draws from the generator seeded for each step, so its batches are laid out in step order.
+    in_background = spec.task != "masked-lm"
     hooks.on_start(progress, total_steps)
     model.train()
-    for step in range(progress.step, total_steps):
-        torch.manual_seed(step_seed(settings.seed, step, distributed.rank))
-        started = time.perf_counter()
-        micro_batches = schedule.micro_batches(step, distributed.rank)
-        loss_sum, tokens, samples = 0.0, 0, 0
-        for number, indices in enumerate(micro_batches):
-            sequences = [data.train[index] for index in indices]
-            batch = {key: value.to(device) for key, value in collate(sequences).items()}
-            tokens += sum(len(sequence["input_ids"]) for sequence in sequences)
-            samples += sum(len(set(sequence.get("document_ids", [0]))) for sequence in sequences)
-            last = number == len(micro_batches) - 1
-            if sharded:
-                model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or trained is model else trained.no_sync()
-            with sync:
-                with autocast():
-                    loss = trained(**batch).loss / len(micro_batches)
-                scaler.scale(loss).backward()
-            loss_sum += float(loss.detach())
-        scaler.unscale_(optimizer)
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm))
-            if settings.max_grad_norm > 0
-            else None
-        )
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step_loss = distributed.mean(loss_sum)
-        progress.step = step + 1
-        progress.epoch = progress.step / schedule.steps_per_epoch
-        progress.tokens_seen += tokens * distributed.world_size
-        progress.train_loss.append((progress.step, step_loss))
-        hooks.on_step(
-            progress,
-            total_steps,
-            {"trainLoss": step_loss, "learningRate": scheduler.get_last_lr()[0]},
-            {
-                "grad_norm": grad_norm,
-                "tokens": tokens * distributed.world_size,
-                "samples": samples * distributed.world_size,
-                "step_seconds": time.perf_counter() - started,
-            },
-        )
-        end_of_epoch = progress.step % schedule.steps_per_epoch == 0
-        finished = progress.step == total_steps
-        every_eval, every_checkpoint = spec.evaluation.every_steps, spec.checkpoints.every_steps
-        if finished or (progress.step % every_eval == 0 if every_eval else end_of_epoch):
-            run_evaluation()
-        saved = finished or (progress.step % every_checkpoint == 0 if every_checkpoint else end_of_epoch)
-        if saved:
-            save()
-        if not finished and distributed.any_rank(preemption.requested()):
-            if not saved:
+    # The next step's micro-batches are laid out in the background while this step computes.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate") as prefetcher:
+        upcoming = prefetcher.submit(collated, progress.step) if in_background else None
+        for step in range(progress.step, total_steps):
+            torch.manual_seed(step_seed(settings.seed, step, distributed.rank))
+            started = time.perf_counter()
+            micro_batches = upcoming.result() if upcoming is not None else collated(step)
+            if in_background and step + 1 < total_steps:
+                upcoming = prefetcher.submit(collated, step + 1)
+            # Kept on the device: the only host sync of a step reads it with the gradient norm, after the update.
+            loss_sum = torch.zeros((), device=device)
+            tokens = samples = 0
+            for number, batch in enumerate(micro_batches):
+                tokens += int(batch["input_ids"].numel() if "cu_seq_lens_q" in batch else _real_tokens(batch))
+                samples += _examples(batch)
+                last = number == len(micro_batches) - 1
+                if sharded:
+                    model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if last or trained is scored else trained.no_sync()
+                with sync:
+                    with autocast():
+                        loss = trained(**to_device(batch, device)).loss / len(micro_batches)
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = (
+                _local(torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm))
+                if settings.max_grad_norm > 0
+                else None
+            )
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            # One collective and one host sync per step: the loss and the gradient norm (the same on every rank)
+            # summed over the ranks, with how many ranks were asked to stop.
+            stopping = torch.tensor(float(preemption.requested()), device=device)
+            norm = torch.zeros((), device=device) if grad_norm is None else grad_norm.detach().float()
+            summed = distributed.sum(torch.stack([loss_sum.float(), norm, stopping])).tolist()
+            step_loss, norm_value = summed[0] / distributed.world_size, summed[1] / distributed.world_size
+            progress.step = step + 1
+            progress.epoch = progress.step / schedule.steps_per_epoch
+            progress.tokens_seen += tokens * distributed.world_size
+            progress.train_loss.append((progress.step, step_loss))
+            hooks.on_step(
+                progress,
+                total_steps,
+                {"trainLoss": step_loss, "learningRate": scheduler.get_last_lr()[0]},
+                {
+                    "grad_norm": None if grad_norm is None else norm_value,
+                    "tokens": tokens * distributed.world_size,
+                    "samples": samples * distributed.world_size,
+                    "step_seconds": time.perf_counter() - started,
+                },
+            )
+            end_of_epoch = progress.step % schedule.steps_per_epoch == 0
+            finished = progress.step == total_steps
+            every_eval, every_checkpoint = spec.evaluation.every_steps, spec.checkpoints.every_steps
+            if finished or (progress.step % every_eval == 0 if every_eval else end_of_epoch):
+                run_evaluation()
+            saved = finished or (progress.step % every_checkpoint == 0 if every_checkpoint else end_of_epoch)
+            if saved:
                 save()
-            raise preemption.Preempted(progress.step)
+            if not finished and summed[2] > 0:
+                if not saved:
+                    save()
+                raise preemption.Preempted(progress.step)
     return progress
+
+
+def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
+    return {key: value.pin_memory() if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def _real_tokens(batch: dict[str, Any]) -> int:
+    """The tokens of a padded micro-batch that are not padding."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+
+
+def _examples(batch: dict[str, Any]) -> int:
+    if "cu_seq_lens_q" in batch:
+        return len(batch["cu_seq_lens_q"]) - 1
+    return int(batch["input_ids"].shape[0])
+
+
+def _local(norm: torch.Tensor) -> torch.Tensor:
+    """The gradient norm as a plain tensor (FSDP returns it as a replicated DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

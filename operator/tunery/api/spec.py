@@ -87,7 +87,7 @@ class Dataset(ApiModel):
     max_length: int = Field(2048, ge=8, le=1_048_576)
     """Maximum tokens per training sequence; longer examples are truncated. Sequences are never padded to this length."""
     packing: bool = True
-    """Pack several short examples into one sequence (causal-LM), without attention across example boundaries."""
+    """Lay a micro-batch's examples end to end in one row, unpadded, each attending only to itself (causal-LM)."""
     dedupe: bool = True
     """Drop exact duplicate examples before training."""
 
@@ -148,7 +148,7 @@ class Hyperparameters(ApiModel):
     learning_rate: float = Field(2.0e-4, gt=0, le=10)
     """Peak learning rate."""
     batch_size: int = Field(8, ge=1, le=65_536)
-    """Examples per device per step."""
+    """Examples per device per micro-batch, packed or not (a step: x gradientAccumulationSteps x devices)."""
     gradient_accumulation_steps: int = Field(1, ge=1, le=65_536)
     """Micro-batches accumulated per optimiser step."""
     optimizer: Optimizer = "adamw"
