@@ -1,11 +1,13 @@
-"""Token ids and labels: completion-only loss for prompts and chats, tag alignment to word pieces, packing."""
+"""Token ids and labels: completion-only loss for prompts and chats, tag alignment to word pieces, batching."""
 
 from itertools import groupby
 from typing import Any
 
 import pytest
-from tiny_models import decoder, minilm_path
+from tiny_models import decoder, minilm_path, sentences
 
+from tunery_trainer import tokenization
+from tunery_trainer.sequences import Sequences
 from tunery_trainer.tokenization import CHARS_PER_TOKEN, DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, tokenize
 
 # What the ChatML template puts after every message; an assistant turn's loss may cover it (it ends the turn).
@@ -190,11 +192,11 @@ def test_sequence_classification_label_ids_follow_label_names(wordpiece: Any) ->
     train = [{"text": "the sky is blue", "label": "pos"}, {"text": "grass is red", "label": "neg"}]
     validation = [{"text": "plums", "label": "neutral"}]
     data = tokenize("sequence-classification", wordpiece, train, validation, 512, ["neg", "pos", "neutral"])
-    assert [sequence["label"] for sequence in data.train + data.validation] == [1, 0, 2]
+    assert [sequence["label"] for sequence in [*data.train, *data.validation]] == [1, 0, 2]
     assert data.train[0]["input_ids"] == wordpiece("the sky is blue")["input_ids"]
     assert "labels" not in data.train[0]
     reordered = tokenize("sequence-classification", wordpiece, train, validation, 512, ["neutral", "neg", "pos"])
-    assert [sequence["label"] for sequence in reordered.train + reordered.validation] == [2, 1, 0]
+    assert [sequence["label"] for sequence in [*reordered.train, *reordered.validation]] == [2, 1, 0]
 
 
 def test_masked_lm_keeps_ids_only_and_truncates(wordpiece: Any) -> None:
@@ -212,6 +214,13 @@ HUGE_LENGTH = 64
 TEMPLATE_CHARS = 100
 
 
+def characters(text: str | list) -> int:
+    """The characters of the longest text of a call: one text, a batch of texts, or a batch of pre-split words."""
+    if isinstance(text, str):
+        return len(text)
+    return max((characters(item) if isinstance(item, str) else sum(map(len, item)) for item in text), default=0)
+
+
 class Spy:
     """A tokenizer that fails a call given more text than the bound, and otherwise passes it on."""
 
@@ -221,8 +230,8 @@ class Spy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tokenizer, name)
 
-    def __call__(self, text: str | list[str], **options: Any) -> Any:
-        seen = len(text) if isinstance(text, str) else sum(len(word) for word in text)
+    def __call__(self, text: str | list, **options: Any) -> Any:
+        seen = characters(text)
         assert seen <= HUGE_LENGTH * CHARS_PER_TOKEN + TEMPLATE_CHARS, f"the tokenizer was given {seen} characters"
         return self.tokenizer(text, **options)
 
@@ -249,3 +258,75 @@ def test_a_huge_row_is_cut_before_the_tokenizer_sees_it(
     data = tokenize(task, spy, [example], [], HUGE_LENGTH, ["O", "pos"])
     assert data.truncated == 1
     assert len(data.train[0]["input_ids"]) == HUGE_LENGTH
+
+
+# Batched, parallel, stored flat
+
+
+def mixed_examples(task: str) -> list[dict[str, Any]]:
+    words = [" ".join(sentences(3, seed=seed)) for seed in range(40)]
+    if task == "token-classification":
+        return [
+            {"tokens": text.split(), "tags": ["pos" if len(word) > 4 else "O" for word in text.split()]}
+            for text in words
+        ]
+    if task == "sequence-classification":
+        return [{"text": text, "label": "pos" if len(text) % 2 else "O"} for text in words]
+    if task == "masked-lm":
+        return [{"text": text} for text in words]
+    return (
+        [{"text": text} for text in words[:15]]
+        + [{"prompt": text, "completion": words[-1 - number]} for number, text in enumerate(words[15:30])]
+        + [
+            {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text[::-1]}]}
+            for text in words[30:]
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("task", "tokenizer_name"),
+    [
+        ("causal-lm", "tokenizer"),
+        ("masked-lm", "wordpiece"),
+        ("sequence-classification", "wordpiece"),
+        ("token-classification", "wordpiece"),
+    ],
+)
+def test_batched_and_parallel_tokenisation_gives_what_one_by_one_does(
+    request: pytest.FixtureRequest, task: str, tokenizer_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    examples = mixed_examples(task)
+    # Some examples lose their completion to truncation: they must drop out in the same places.
+    arguments = (task, tokenizer, examples[5:], examples[:5], 16, ["O", "pos"])
+    monkeypatch.setattr(tokenization, "CHUNK_EXAMPLES", 1)
+    one_by_one = tokenize(*arguments)
+    monkeypatch.setattr(tokenization, "CHUNK_EXAMPLES", 4)
+    batched = tokenize(*arguments)
+    parallel = tokenize(*arguments, processes=2)
+    assert one_by_one.truncated > 0
+    for data in (batched, parallel):
+        assert data.truncated == one_by_one.truncated
+        assert list(data.train) == list(one_by_one.train) and list(data.validation) == list(one_by_one.validation)
+    if task == "causal-lm":
+        assert len(one_by_one.train) < len(examples) - 5
+
+
+def test_sequences_read_back_what_was_stored() -> None:
+    stored = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    first, second = Sequences(), Sequences()
+    first.append(stored[0])
+    second.append(stored[1])
+    first.extend(second)
+    assert len(first) == 2 and first.tokens == 4
+    assert first[0] == stored[0] and first[1] == stored[1] and first[-1] == stored[1]
+    assert first[0:2] == stored and list(first) == stored and first == stored
+    with pytest.raises(IndexError):
+        first[2]
+    with pytest.raises(IndexError):
+        first[-3]
+    classes = Sequences()
+    classes.append({"input_ids": [1, 2], "label": 3})
+    assert classes[0] == {"input_ids": [1, 2], "label": 3}
+    assert Sequences() == []

@@ -308,3 +308,21 @@ def test_frozen_base_weights_are_bf16_only_for_adapters_computing_in_bf16_on_a_g
         }
     )
     assert frozen_base_dtype(spec, torch.device(device)) == expected
+
+
+def test_ranks_on_one_node_share_its_cpus_for_tokenising(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunery_trainer import job
+
+    cpu_limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(job.os, "sched_getaffinity", lambda _: set(range(8)))
+    monkeypatch.setattr(job, "Path", lambda _: cpu_limit)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert job.tokenizing_processes() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert job.tokenizing_processes() == 1
+    # A container limited to 3.5 CPUs, one rank.
+    cpu_limit.write_text("350000 100000\n")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert job.tokenizing_processes() == 4
+    cpu_limit.write_text("max 100000\n")
+    assert job.tokenizing_processes() == 8

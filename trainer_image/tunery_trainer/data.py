@@ -1,6 +1,7 @@
 """Read and check the training data before any model is loaded: formats, columns, types, cleaning, dedupe and the split."""
 
 import csv
+import hashlib
 import json
 import random
 import re
@@ -318,10 +319,12 @@ def _kind(value: Any) -> str:
 
 
 def _dedupe(examples: list[dict[str, Any]], report: DataReport) -> list[dict[str, Any]]:
-    seen: set[str] = set()
+    # 16-byte digests, not the examples' text: a million rows cost tens of megabytes to remember.
+    seen: set[bytes] = set()
     kept = []
     for example in examples:
-        key = json.dumps(example, sort_keys=True, ensure_ascii=False)
+        canonical = json.dumps(example, sort_keys=True, ensure_ascii=False)
+        key = hashlib.blake2b(canonical.encode(errors="surrogatepass"), digest_size=16).digest()
         if key in seen:
             report.duplicates += 1
             continue

@@ -1,6 +1,7 @@
 """One training run, from trainer config to published model: fetch, check, tokenise, train with checkpoints, publish."""
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -78,6 +79,10 @@ def run(
     model_dir, tokenizer_dir = _fetch_model(spec, storage, workdir)
     tokenizer = load_tokenizer(spec, model_dir, tokenizer_dir, _texts(prepared))
     tokenized = _tokenized(spec, tokenizer, prepared)
+    data_stats = _data_stats(prepared, tokenized) | layout
+    # Tokenised, the examples are held flat; the raw rows' memory goes back before the model is loaded.
+    prepared.train.clear()
+    prepared.validation.clear()
     if metrics is not None:
         metrics.observe_data_loading(time.perf_counter() - fetch_started)
         metrics.add_s3_bytes("download", storage.bytes_downloaded)
@@ -144,7 +149,7 @@ def run(
             tokenizer,
             model_dir,
             progress,
-            _data_stats(prepared, tokenized) | layout,
+            data_stats,
             prepared.label_names,
             workdir,
         )
@@ -206,7 +211,13 @@ def _texts(prepared: PreparedData) -> list[str]:
 def _tokenized(spec: FineTuneJobSpec, tokenizer: Any, prepared: PreparedData) -> TokenizedData:
     dataset = spec.dataset
     tokenized = tokenize(
-        spec.task, tokenizer, prepared.train, prepared.validation, dataset.max_length, prepared.label_names
+        spec.task,
+        tokenizer,
+        prepared.train,
+        prepared.validation,
+        dataset.max_length,
+        prepared.label_names,
+        processes=tokenizing_processes(),
     )
     if not tokenized.train:
         raise DataError(
@@ -226,6 +237,17 @@ def _layout(spec: FineTuneJobSpec, distributed: Distributed) -> dict[str, Any]:
     }
 
 
+def tokenizing_processes() -> int:
+    """This rank's share of the CPUs it may use (affinity, and the container's CPU limit), among its node's ranks."""
+    cpus = len(os.sched_getaffinity(0))
+    limit = Path("/sys/fs/cgroup/cpu.max")
+    if limit.is_file():
+        quota, period = (limit.read_text().split() + ["100000"])[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _data_stats(prepared: PreparedData, tokenized: TokenizedData) -> dict[str, Any]:
     report = prepared.report
     return {
@@ -233,7 +255,7 @@ def _data_stats(prepared: PreparedData, tokenized: TokenizedData) -> dict[str, A
         "trainExamples": len(prepared.train),
         "validationExamples": len(prepared.validation),
         "trainSequences": len(tokenized.train),
-        "trainTokens": sum(len(sequence["input_ids"]) for sequence in tokenized.train),
+        "trainTokens": tokenized.train.tokens,
         "duplicatesDropped": report.duplicates,
         "emptyRowsDropped": report.empty_rows,
         "badRows": sum(report.bad_rows.values()),

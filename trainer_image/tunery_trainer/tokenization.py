@@ -1,15 +1,20 @@
 """Turn prepared examples into token ids and labels: chat templates, completion-only loss, label alignment."""
 
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tunery.api.spec import Task
+from tunery_trainer.sequences import Sequences
 
 IGNORE_INDEX = -100
 # No tokenizer puts more characters than this in one token (typically 3 to 5), so text cut at maxLength times this
 # still gives maxLength tokens, while a 50 MB row costs the tokenizer no more memory than maxLength allows.
 CHARS_PER_TOKEN = 32
+
+# Examples per batched tokenizer call, and per piece of work a worker process takes.
+CHUNK_EXAMPLES = 1024
 
 # Used when a tokenizer has no chat template of its own (base models, tokenizers trained from scratch); ChatML.
 DEFAULT_CHAT_TEMPLATE = (
@@ -22,10 +27,10 @@ DEFAULT_CHAT_TEMPLATE = (
 
 @dataclass
 class TokenizedData:
-    """Training and validation sequences as lists of id lists, with what was lost to truncation."""
+    """Training and validation sequences, stored flat, with how many examples truncation cut."""
 
-    train: list[dict[str, list[int] | int]]
-    validation: list[dict[str, list[int] | int]]
+    train: Sequences
+    validation: Sequences
     truncated: int = 0
 
 
@@ -36,18 +41,86 @@ def tokenize(
     validation: Sequence[dict[str, Any]],
     max_length: int,
     label_names: Sequence[str],
+    processes: int = 1,
 ) -> TokenizedData:
-    """Token ids without padding; labels carry IGNORE_INDEX wherever no loss is wanted."""
-    label_ids = {name: index for index, name in enumerate(label_names)}
-    result = TokenizedData([], [])
+    """Token ids without padding; labels carry IGNORE_INDEX wherever no loss is wanted.
+
+    Examples go in chunks, each tokenised with batched tokenizer calls; with more than one chunk and more than one
+    process, `processes` forked workers take the chunks, and the results keep the examples' order.
+    """
+    work = _Chunk(task, tokenizer, max_length, {name: index for index, name in enumerate(label_names)})
+    result = TokenizedData(Sequences(), Sequences())
     for examples, target in ((train, result.train), (validation, result.validation)):
-        for example in examples:
-            bounded, cut = _bounded(example, max_length)
-            sequence, truncated = _tokenize_one(task, tokenizer, bounded, max_length, label_ids)
-            result.truncated += truncated or cut
-            if sequence is not None:
-                target.append(sequence)
+        chunks = [examples[start : start + CHUNK_EXAMPLES] for start in range(0, len(examples), CHUNK_EXAMPLES)]
+        for sequences, truncated in _mapped(work, chunks, processes):
+            target.extend(sequences)
+            result.truncated += truncated
     return result
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Tokenises one chunk of examples: the work each process does."""
+
+    task: Task
+    tokenizer: Any
+    max_length: int
+    label_ids: dict[str, int]
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> tuple[Sequences, int]:
+        bounded = [_bounded(example, self.max_length) for example in examples]
+        sequences, truncated = Sequences(), 0
+        for (example, cut), encoded in zip(bounded, self._encoded([example for example, _ in bounded]), strict=True):
+            sequence, cut_here = _tokenize_one(
+                self.task, self.tokenizer, example, self.max_length, self.label_ids, encoded
+            )
+            truncated += bool(cut_here or cut)
+            if sequence is not None:
+                sequences.append(sequence)
+        return sequences, truncated
+
+    def _encoded(self, examples: list[dict[str, Any]]) -> list[Any]:
+        """The tokenizer's output for each example, from one batched call per field (chats render one by one)."""
+        tokenizer = self.tokenizer
+        encoded: list[Any] = [None] * len(examples)
+        if self.task == "token-classification":
+            words = tokenizer([example["tokens"] for example in examples], is_split_into_words=True, truncation=False)
+            return [(words["input_ids"][row], words.word_ids(row)) for row in range(len(examples))]
+        texts = [row for row, example in enumerate(examples) if "text" in example]
+        for row, ids in zip(texts, _ids(tokenizer, [examples[row]["text"] for row in texts]), strict=True):
+            encoded[row] = ids
+        prompted = [row for row, example in enumerate(examples) if "prompt" in example]
+        prompts = _ids(tokenizer, [examples[row]["prompt"] for row in prompted])
+        completions = _ids(tokenizer, [" " + examples[row]["completion"] for row in prompted], add_special_tokens=False)
+        for row, prompt, completion in zip(prompted, prompts, completions, strict=True):
+            encoded[row] = (prompt, completion)
+        return encoded
+
+
+def _ids(tokenizer: Any, texts: list[str], **options: Any) -> list[list[int]]:
+    return tokenizer(texts, truncation=False, **options)["input_ids"] if texts else []
+
+
+# The chunk function a forked worker runs, installed before the fork so that the tokenizer is never pickled.
+_installed: _Chunk | None = None
+
+
+def _mapped(work: _Chunk, chunks: list[Sequence[dict[str, Any]]], processes: int) -> Iterator[tuple[Sequences, int]]:
+    global _installed
+    if processes <= 1 or len(chunks) <= 1:
+        yield from map(work, chunks)
+        return
+    _installed = work
+    try:
+        with multiprocessing.get_context("fork").Pool(min(processes, len(chunks))) as pool:
+            yield from pool.imap(_run_installed, chunks)
+    finally:
+        _installed = None
+
+
+def _run_installed(examples: Sequence[dict[str, Any]]) -> tuple[Sequences, int]:
+    assert _installed is not None
+    return _installed(examples)
 
 
 def _bounded(example: dict[str, Any], max_length: int) -> tuple[dict[str, Any], bool]:
@@ -81,22 +154,22 @@ def _within(texts: list[str], chars: int, count: int) -> list[str]:
 
 
 def _tokenize_one(
-    task: Task, tokenizer: Any, example: dict[str, Any], max_length: int, label_ids: dict[str, int]
+    task: Task, tokenizer: Any, example: dict[str, Any], max_length: int, label_ids: dict[str, int], encoded: Any
 ) -> tuple[dict[str, Any] | None, bool]:
+    """One example's sequence (None when nothing is left to learn), and whether it was truncated; `encoded` is the
+    tokenizer's batched output for it (ids; prompt and completion ids; ids and word ids; None for a chat)."""
     if task == "sequence-classification":
-        ids = tokenizer(example["text"], truncation=False)["input_ids"]
-        return {"input_ids": ids[:max_length], "label": label_ids[example["label"]]}, len(ids) > max_length
+        return {"input_ids": encoded[:max_length], "label": label_ids[example["label"]]}, len(encoded) > max_length
     if task == "token-classification":
-        return _aligned_tags(tokenizer, example, max_length, label_ids)
+        return _aligned_tags(example, max_length, label_ids, *encoded)
     if task == "masked-lm":
-        ids = tokenizer(example["text"], truncation=False)["input_ids"]
-        return {"input_ids": ids[:max_length]}, len(ids) > max_length
+        return {"input_ids": encoded[:max_length]}, len(encoded) > max_length
     if "messages" in example:
         ids, labels = _chat(tokenizer, example["messages"])
     elif "prompt" in example:
-        ids, labels = _prompt_completion(tokenizer, example["prompt"], example["completion"])
+        ids, labels = _prompt_completion(tokenizer, *encoded)
     else:
-        ids = _with_eos(tokenizer, tokenizer(example["text"], truncation=False)["input_ids"])
+        ids = _with_eos(tokenizer, encoded)
         labels = list(ids)
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
@@ -111,9 +184,8 @@ def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
     return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
 
-def _prompt_completion(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(prompt, truncation=False)["input_ids"]
-    completion_ids = _with_eos(tokenizer, tokenizer(" " + completion, add_special_tokens=False)["input_ids"])
+def _prompt_completion(tokenizer: Any, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
+    completion_ids = _with_eos(tokenizer, completion_ids)
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
@@ -138,13 +210,11 @@ def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], li
 
 
 def _aligned_tags(
-    tokenizer: Any, example: dict[str, Any], max_length: int, label_ids: dict[str, int]
+    example: dict[str, Any], max_length: int, label_ids: dict[str, int], ids: list[int], word_ids: list[int | None]
 ) -> tuple[dict[str, Any], bool]:
     """The first sub-token of each word carries the word's tag; the others and special tokens carry none."""
-    encoded = tokenizer(example["tokens"], is_split_into_words=True, truncation=False)
     labels, previous = [], None
-    for word in encoded.word_ids():
+    for word in word_ids:
         labels.append(label_ids[example["tags"][word]] if word is not None and word != previous else IGNORE_INDEX)
         previous = word
-    ids = encoded["input_ids"]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}, len(ids) > max_length
