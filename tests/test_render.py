@@ -5,12 +5,17 @@ import os
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from conftest import REPO_ROOT
 from tunery.api import contract
+from tunery.api.policy import Policy
 from tunery.api.spec import FineTuneJobSpec
+from tunery.api.validation import parse_manifest
 from tunery.controller import naming
+from tunery.controller.preview import preview
 from tunery.controller.render import TrainingTarget, render_training_children
+from tunery.controller.settings import OperatorSettings
 
 GOLDEN = REPO_ROOT / "tests" / "golden"
 # Regenerate the golden files after an intended change with: TUNERY_UPDATE_GOLDEN=1 make test-unit
@@ -126,6 +131,28 @@ def test_multi_node_is_an_indexed_job_with_a_rendezvous() -> None:
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert pod["containers"][0]["command"][:2] == ["torchrun", "--nnodes=$(NNODES)"]
     assert "--nproc-per-node=4" in pod["containers"][0]["command"]
+
+
+@pytest.mark.parametrize("example", ["lora-sft-chat.yaml", "qlora-multinode.yaml"])
+def test_the_operators_grace_period_reaches_the_trainer_pod(example: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNERY_TRAINER_TERMINATION_GRACE_SECONDS", "900")
+    finetunejob = parse_manifest(yaml.safe_load((REPO_ROOT / "examples" / example).read_text())).finetunejob
+    (job,) = [child for child in preview(finetunejob, OperatorSettings(), Policy()) if child["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    env = {item["name"]: item["value"] for item in pod["containers"][0]["env"] if "value" in item}
+    assert env[contract.GRACE_SECONDS_ENV] == "900"
+    # torchrun's own SIGTERM-to-SIGKILL wait follows the pod's, where there is a torchrun.
+    assert env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") == (
+        "900" if "torchrun" in pod["containers"][0]["command"] else None
+    )
+
+
+def test_a_grace_period_of_zero_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Zero deletes the pod at once: no step would ever be checkpointed on preemption.
+    monkeypatch.setenv("TUNERY_TRAINER_TERMINATION_GRACE_SECONDS", "0")
+    with pytest.raises(ValidationError, match="trainer_termination_grace_seconds"):
+        OperatorSettings()
 
 
 def test_kueue_owns_suspend_of_queued_jobs() -> None:

@@ -14,6 +14,7 @@ from monitoring_files import CHART, RULES, load_dashboard
 from conftest import REPO_ROOT, Kube
 from localenv import tools
 from operator_harness import OperatorProcess, manifest, wait_for
+from tunery.controller.settings import OperatorSettings
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,12 @@ def test_lint_strict(kube: Kube) -> None:
 
 def test_values_schema_rejects_bad_values(kube: Kube) -> None:
     command = [str(tools.bin_dir() / "helm"), "template", "tunery", str(CHART), "--kube-version", "1.34.4"]
-    for bad in (["--set", "replicas=0"], ["--set", "watchNamespaces={Team_A}"], ["--set", "imagee.tag=x"]):
+    for bad in (
+        ["--set", "replicas=0"],
+        ["--set", "watchNamespaces={Team_A}"],
+        ["--set", "imagee.tag=x"],
+        ["--set", "trainerTerminationGracePeriodSeconds=0"],
+    ):
         result = subprocess.run([*command, *bad], capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and "schema" in result.stderr.lower(), (bad, result.stderr)
 
@@ -78,6 +84,17 @@ def test_template_is_accepted_by_the_api_server(kube: Kube) -> None:
             kube, "template", "tunery", str(CHART), "-n", RELEASE_NAMESPACE, "--kube-version", "1.34.4", *values
         ).stdout
         kube.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+
+
+def test_the_trainer_grace_period_reaches_the_operators_settings(kube: Kube) -> None:
+    for values, seconds in (([], 300), (["--set", "trainerTerminationGracePeriodSeconds=900"], 900)):
+        (deployment,) = rendered(kube, *values)["Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            assert OperatorSettings().trainer_termination_grace_seconds == seconds
 
 
 def test_operator_reconciles_under_the_chart_rbac(installed: Kube, tmp_path: Path) -> None:

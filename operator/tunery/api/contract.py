@@ -37,5 +37,10 @@ FINAL_EXIT_CODES = (
 )
 # What the trainer exits with when a retry may help: an unreachable or failing store, or an unclassified crash.
 EXIT_RETRYABLE = 1
+# How long a trainer pod has between SIGTERM and SIGKILL (its terminationGracePeriodSeconds) unless the operator's
+# settings say otherwise: a step and the upload of a large model's checkpoint. The trainer reads it from
+# GRACE_SECONDS_ENV, to say at SIGTERM how long it has.
+TERMINATION_GRACE_SECONDS = 300
+GRACE_SECONDS_ENV = "TUNERY_TERMINATION_GRACE_SECONDS"
 # How long the trainer's storage operations retry an unreachable or failing store unless the spec says otherwise.
 STORAGE_RETRY_SECONDS = 300

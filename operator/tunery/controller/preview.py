@@ -21,7 +21,12 @@ def preview(finetunejob: FineTuneJob, settings: OperatorSettings, policy: Policy
     )
     finetunejob = finetunejob.model_copy(update={"metadata": metadata})
     spec = finetunejob.spec
-    target = training_target(finetunejob, naming.revision(spec), spec.image or settings.trainer_image)
+    target = training_target(
+        finetunejob,
+        naming.revision(spec),
+        spec.image or settings.trainer_image,
+        settings.trainer_termination_grace_seconds,
+    )
     children = render_training_children(target)
     if spec.serving.enabled:
         model = ModelRecord(uri=target.output_prefix, name=spec.output.name or target.name)

@@ -122,7 +122,12 @@ class Reconciler:
     async def _observe(self, finetunejob: FineTuneJob, stored: FineTuneJobStatus) -> decisions.Observation:
         spec, generation = finetunejob.spec, finetunejob.metadata.generation
         revision = naming.revision(spec, stored.revision or None)
-        target = training_target(finetunejob, revision, spec.image or self._settings.trainer_image)
+        target = training_target(
+            finetunejob,
+            revision,
+            spec.image or self._settings.trainer_image,
+            self._settings.trainer_termination_grace_seconds,
+        )
         children = render_training_children(target)
         # Independent children go at once; a RoleBinding after its Role (the API server checks the binder holds
         # the Role's rights), the Job last.

@@ -24,6 +24,7 @@ class TrainingTarget:
     revision: str
     image: str
     queue_name: str | None = None
+    termination_grace_seconds: int = contract.TERMINATION_GRACE_SECONDS
 
     @property
     def job_name(self) -> str:
@@ -39,8 +40,10 @@ class TrainingTarget:
         return self.spec.resources.nodes > 1 or self.spec.resources.gpus > 1
 
 
-def training_target(finetunejob: FineTuneJob, revision: str, image: str) -> TrainingTarget:
-    """A revision of the FineTuneJob; a Kueue queue label is passed on."""
+def training_target(
+    finetunejob: FineTuneJob, revision: str, image: str, termination_grace_seconds: int
+) -> TrainingTarget:
+    """A revision of the FineTuneJob, with the operator's grace period for its pods; a Kueue queue label is passed on."""
     metadata = finetunejob.metadata
     return TrainingTarget(
         name=metadata.name,
@@ -50,6 +53,7 @@ def training_target(finetunejob: FineTuneJob, revision: str, image: str) -> Trai
         revision=revision,
         image=image,
         queue_name=metadata.labels.get(naming.KUEUE_QUEUE_LABEL),
+        termination_grace_seconds=termination_grace_seconds,
     )
 
 
@@ -262,6 +266,7 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
             {"name": "TUNERY_METRICS_PORT", "value": str(contract.TRAINER_METRICS_PORT)},
             {"name": "HF_HOME", "value": "/var/cache/tunery/huggingface"},
             {"name": "TMPDIR", "value": "/tmp"},
+            {"name": contract.GRACE_SECONDS_ENV, "value": str(target.termination_grace_seconds)},
             *rendezvous_env,
         ],
         "resources": _resources(target),
@@ -282,8 +287,16 @@ def render_job(target: TrainingTarget) -> dict[str, Any]:
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if target.distributed:
+        # torchrun passes the SIGTERM on to its workers and kills them 30 s later unless told otherwise (a torch
+        # that predates the variable keeps the 30 s).
+        container["env"].append(
+            {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(target.termination_grace_seconds)}
+        )
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # Operator policy, not a tenant's: how long a preempted pod may hold its node to checkpoint its step.
+        "terminationGracePeriodSeconds": target.termination_grace_seconds,
         "securityContext": restricted_pod_security(),
         "containers": [container],
         "volumes": [

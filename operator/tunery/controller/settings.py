@@ -6,6 +6,7 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tunery.api import contract
 from tunery.api.policy import Policy, load_policy
 
 
@@ -20,6 +21,9 @@ class OperatorSettings(BaseSettings):
     """The trainer image for Jobs whose spec.image is empty."""
     vllm_image: str = "vllm/vllm-openai:v0.11.0"
     """The vLLM image for spec.serving.runtime vllm."""
+    trainer_termination_grace_seconds: int = Field(contract.TERMINATION_GRACE_SECONDS, ge=1)
+    """Trainer pods' terminationGracePeriodSeconds: how long a preempted or evicted trainer may take to finish its
+    step and upload a checkpoint before it is killed (a tenant cannot choose it: it holds the node)."""
     serving_progress_deadline_seconds: int = Field(900, ge=10)
     """How long a serving rollout may take before it is reported Failed (the previous model keeps serving)."""
     policy_file: Path | None = None
