@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from local_jobs import lora_manifest, write_trainer_config
 from tiny_models import decoder, sentences, write_jsonl
 
 from tunery.local_run import local_config
@@ -27,26 +28,17 @@ TOLERANCE = 1e-4
 
 
 def trainer_config(tmp_path: Path, base: Path, data: Path, name: str) -> Path:
-    config = local_config(
-        {
-            "apiVersion": "tunery.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": {
-                "baseModel": {"uri": f"file://{base}/"},
-                "dataset": {"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
-                "method": {"type": "lora"},
-                "hyperparameters": {"maxSteps": STEPS, "batchSize": 4, "learningRate": 1e-2},
-                "evaluation": {"everySteps": 30},
-                "checkpoints": {"everySteps": EVERY, "keep": 2},
-                "output": {"uri": f"file://{tmp_path}/{name}/"},
-                "resources": {"gpus": 0},
-            },
-        }
+    manifest = lora_manifest(
+        name,
+        base,
+        data,
+        f"file://{tmp_path}/{name}/",
+        dataset={"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
+        hyperparameters={"maxSteps": STEPS, "batchSize": 4, "learningRate": 1e-2},
+        evaluation={"everySteps": 30},
+        checkpoints={"everySteps": EVERY, "keep": 2},
     )
-    path = tmp_path / f"{name}.json"
-    path.write_text(config.model_dump_json(by_alias=True, exclude_none=True))
-    return path
+    return write_trainer_config(manifest, tmp_path / f"{name}.json")
 
 
 def start(config: Path, workdir: Path) -> subprocess.Popen:
@@ -115,20 +107,15 @@ def owned_config(tmp_path: Path, base: Path, data: Path, uid: str, resume_from_u
     resumeFromUid changes nothing that is trained, so the adopting run looks in the same checkpoint prefix)."""
     checkpoints = {"everySteps": EVERY, "keep": 3, **({"resumeFromUid": resume_from_uid} if resume_from_uid else {})}
     config = local_config(
-        {
-            "apiVersion": "tunery.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "owned"},
-            "spec": {
-                "baseModel": {"uri": f"file://{base}/"},
-                "dataset": {"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
-                "method": {"type": "lora"},
-                "hyperparameters": {"maxSteps": 20, "batchSize": 4},
-                "checkpoints": checkpoints,
-                "output": {"uri": f"file://{tmp_path}/owned/"},
-                "resources": {"gpus": 0},
-            },
-        }
+        lora_manifest(
+            "owned",
+            base,
+            data,
+            f"file://{tmp_path}/owned/",
+            dataset={"train": f"file://{data}", "maxLength": 64, "validationSplit": 0.1},
+            hyperparameters={"maxSteps": 20, "batchSize": 4},
+            checkpoints=checkpoints,
+        )
     )
     return config.model_copy(update={"finetune_job": config.finetune_job.model_copy(update={"uid": uid})})
 
