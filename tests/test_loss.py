@@ -22,7 +22,7 @@ def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: parameter.grad.clone() for name, parameter in model.named_parameters() if parameter.grad is not None}
 
 
-@pytest.mark.parametrize("chunk_positions", [3, 1_000_000])
+@pytest.mark.parametrize("chunk_positions", [3, 20, 1_000_000])
 def test_the_chunked_loss_and_its_gradients_are_the_models_own(
     tiny_llama: Path, chunk_positions: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -30,7 +30,8 @@ def test_the_chunked_loss_and_its_gradients_are_the_models_own(
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert model.config.model_type in loss.PLAIN_HEAD_ARCHITECTURES
-    # Several chunks, the last one short, or the whole batch in one.
+    # Several chunks, the last one short; the 20 shifted positions in one chunk; or, as the logits fit in one
+    # chunk anyway, the model's own loss.
     monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", chunk_positions * 4 * model.config.vocab_size)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=generator)
@@ -52,10 +53,11 @@ def test_the_chunked_loss_and_its_gradients_are_the_models_own(
         torch.testing.assert_close(actual_gradients[name], gradient, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_without_gradients_only_the_loss_is_computed(tiny_llama: Path) -> None:
+def test_without_gradients_only_the_loss_is_computed(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    monkeypatch.setattr(loss, "CHUNK_LOGITS_BYTES", 3 * 4 * model.config.vocab_size)
     input_ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         chunked = ChunkedLoss(model)(labels=input_ids, input_ids=input_ids).loss

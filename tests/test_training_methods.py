@@ -326,3 +326,25 @@ def test_ranks_on_one_node_share_its_cpus_for_tokenising(tmp_path: Path, monkeyp
     assert job.tokenizing_processes() == 4
     cpu_limit.write_text("max 100000\n")
     assert job.tokenizing_processes() == 8
+
+
+def test_a_compiled_run_takes_the_steps_an_eager_run_takes(
+    tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    def losses(compiled: bool) -> list[float]:
+        outcome, _ = train_case(
+            tmp_path / str(compiled),
+            {
+                "baseModel": {"uri": f"file://{bases['llama']}/"},
+                "dataset": {"train": f"file://{datasets['text']}", "maxLength": 64},
+                "method": {"type": "full"},
+                "hyperparameters": {"maxSteps": 3, "batchSize": 4, "learningRate": 3e-3, "compile": compiled},
+            },
+        )
+        return [loss for _, loss in outcome.progress.train_loss]
+
+    with caplog.at_level("INFO", logger="tunery_trainer"):
+        compiled = losses(True)
+    assert "compiling the model's 2 blocks" in caplog.text
+    # Inductor fuses and reorders float operations: the same steps, not the same bits.
+    assert compiled == pytest.approx(losses(False), rel=1e-3)

@@ -40,8 +40,11 @@ class ChunkedLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, labels: torch.Tensor, **inputs: Any) -> CausalLMOutput:
-        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
+        if labels.numel() * head.weight.shape[0] * 4 <= CHUNK_LOGITS_BYTES:
+            # The logits fit in one chunk: the model's own loss takes no more memory, and its kernels are faster.
+            return self.model(labels=labels, **inputs, use_cache=False)
+        hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state
         # A causal model predicts position i + 1 from position i.
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = labels[:, 1:].reshape(-1)
@@ -73,7 +76,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_hidden is None and grad_weight is None:
                 continue
             # d(loss)/d(logits) = softmax - one-hot, for the counted positions, over the count.
-            grad_logits = (logits - log_normaliser[:, None]).exp_()
+            grad_logits = logits.sub_(log_normaliser[:, None]).exp_()
             grad_logits[torch.arange(len(target), device=target.device), target.clamp(min=0)] -= 1
             grad_logits *= (kept / count)[:, None]
             grad_logits = grad_logits.to(part.dtype)

@@ -235,6 +235,19 @@ def _head_prefixes(model) -> tuple[str, ...]:
     return tuple(f"{name}." for name in ("classifier", "score") if name in names)
 
 
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of the model's layer stacks (every child of a ModuleList): the transformer layers."""
+    stacks = [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]
+    return [block for stack in stacks for block in stack]
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile each block in place, with dynamic shapes: the blocks share one graph, so compiling costs one
+    block's time however deep the model, and rows of new lengths do not recompile."""
+    for block in blocks(model):
+        block.compile(dynamic=True)
+
+
 def trainable_parameters(model) -> dict[str, torch.Tensor]:
     """The parameters the optimiser updates, by name: what a checkpoint must keep."""
     return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}

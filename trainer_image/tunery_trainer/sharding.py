@@ -12,6 +12,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
+from tunery_trainer.modeling import blocks
+
 # Gathered whole onto rank 0's CPU, as a checkpoint and the published model need them; other ranks get nothing.
 _GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 # Every rank reads the checkpoint itself, so each loads the whole state and keeps its shard.
@@ -21,9 +23,8 @@ _LOADED = StateDictOptions(full_state_dict=True, strict=False)
 def shard(model: torch.nn.Module) -> None:
     """Shard each block of every layer stack (the transformer layers), then the rest, in place."""
     # One unit per block: only one block's weights are gathered whole at a time.
-    for stack in [module for module in model.modules() if isinstance(module, torch.nn.ModuleList)]:
-        for block in stack:
-            fully_shard(block)
+    for block in blocks(model):
+        fully_shard(block)
     fully_shard(model)
 
 

@@ -19,7 +19,13 @@ from tunery_trainer.checkpoints import Progress
 from tunery_trainer.evaluator import evaluate
 from tunery_trainer.failures import UnsupportedError
 from tunery_trainer.loss import ChunkedLoss, chunks_the_loss
-from tunery_trainer.modeling import precision_dtype, restore_weights, trainable_parameters
+from tunery_trainer.modeling import (
+    blocks,
+    compile_blocks,
+    precision_dtype,
+    restore_weights,
+    trainable_parameters,
+)
 from tunery_trainer.tokenization import TokenizedData
 
 logger = logging.getLogger(__name__)
@@ -135,6 +141,10 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast_dtype)
 
+    if settings.compile:
+        # After sharding: FSDP's hooks around each block stay outside the compiled graph.
+        compile_blocks(model)
+        logger.info("compiling the model's %d blocks (torch.compile, dynamic shapes)", len(blocks(model)))
     parameters = list(trainable_parameters(model).values())
     optimizer = build_optimizer(spec, parameters, device)
     from transformers import get_scheduler

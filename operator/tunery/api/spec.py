@@ -165,6 +165,8 @@ class Hyperparameters(ApiModel):
     """Training precision; auto picks bf16 where the GPU supports it, else fp16 on GPUs and fp32 on CPUs. fp16 needs a GPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (dynamic shapes) before the first step; see docs/trainer.md."""
     seed: int = Field(42, ge=0, le=2**31 - 1)
     """Seed for initialisation, data order and the validation split."""
 

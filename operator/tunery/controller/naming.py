@@ -35,6 +35,7 @@ _ADDED_SINCE_FIRST_RELEASE = {
     ("resources", "strategy"): "ddp",
     ("resources", "ephemeral_storage"): "100Gi",
     ("storage", "retry_timeout_seconds"): contract.STORAGE_RETRY_SECONDS,
+    ("hyperparameters", "compile"): False,
 }
 # Nested fields that do not change what is trained: whose checkpoints a run may adopt must not move the run to a
 # new revision, whose empty checkpoint prefix would hold none of them.
