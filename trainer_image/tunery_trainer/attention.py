@@ -55,12 +55,14 @@ def per_document_sdpa(
 
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    bounds = cu_seq_lens_q.tolist()
+    # split, not slicing: its backward joins the documents' gradients once, where each slice's would fill a whole
+    # row of zeros.
+    lengths = cu_seq_lens_q.diff().tolist()
     outputs = [
-        sdpa_attention_forward(
-            module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], None, is_causal=True, **kwargs
-        )[0]
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True)
+        sdpa_attention_forward(module, query_part, key_part, value_part, None, is_causal=True, **kwargs)[0]
+        for query_part, key_part, value_part in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
+        )
     ]
     # sdpa_attention_forward returns (batch, length, heads, head_dim): documents join along the length.
     return torch.cat(outputs, dim=1), None
