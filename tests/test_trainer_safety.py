@@ -62,7 +62,7 @@ def test_training_state_round_trips_as_weights_only(tmp_path: Path, optimizer: s
 
     settings = spec(hyperparameters={"optimizer": optimizer, "scheduler": scheduler})
     parameter = torch.nn.Parameter(torch.randn(4, 3))
-    built = build_optimizer(settings, [parameter], torch.device("cpu"))
+    built = build_optimizer(settings, [parameter], torch.device("cpu"), sharded=False)
     schedule = get_scheduler(SCHEDULER_NAMES[scheduler], built, num_warmup_steps=2, num_training_steps=10)
     for _ in range(3):
         (parameter**2).sum().backward()
