@@ -1,6 +1,7 @@
 """Data preparation: every format, the task shapes, cleaning, dedupe, the seeded split, and errors that name the fix."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pytest
 
 from tunery.api.spec import Dataset
 from tunery_trainer import failures
-from tunery_trainer.data import MESSAGE_CHARS, DataError, prepare
+from tunery_trainer.data import MESSAGE_CHARS, DataError, SourceFiles, prepare, prepare_mixture
 
 
 def dataset(**fields) -> Dataset:
@@ -276,3 +277,45 @@ def test_nesting_past_the_recursion_limit_is_a_data_error_not_a_crash(tmp_path: 
     (tmp_path / "t.json").write_text(deep)
     with pytest.raises(DataError, match="t.json: cannot be read as json"):
         prepare("causal-lm", dataset(), [tmp_path / "t.json"], [], seed=1)
+
+
+# Mixing sources by weight
+
+
+def mixture(tmp_path: Path, counts: dict[str, int], weights: dict[str, float]) -> list[SourceFiles]:
+    sources = []
+    for name, count in counts.items():
+        path = jsonl(tmp_path / f"{name}.jsonl", [{"text": f"{name} {index}"} for index in range(count)])
+        sources.append(SourceFiles(f"file://{path}", weights[name], [path]))
+    return sources
+
+
+def source_of(example: dict) -> str:
+    return example["text"].split()[0]
+
+
+def test_a_mixture_gives_each_source_its_weighted_share_of_the_examples(tmp_path: Path) -> None:
+    sources = mixture(tmp_path, {"small": 10, "large": 90}, {"small": 3, "large": 1})
+    prepared = prepare_mixture("causal-lm", dataset(validationSplit=0), sources, [], seed=1)
+    counts = Counter(source_of(example) for example in prepared.train)
+    # 100 examples in all: 75 from the small source (every example 7 or 8 times), 25 of the large one's 90.
+    assert counts == {"small": 75, "large": 25}
+    small = Counter(example["text"] for example in prepared.train if source_of(example) == "small")
+    assert len(small) == 10 and set(small.values()) == {7, 8}
+    assert len({example["text"] for example in prepared.train if source_of(example) == "large"}) == 25
+    assert [(source["examples"], source["drawn"], source["rowsRead"]) for source in prepared.report.sources] == [
+        (10, 75, 10),
+        (90, 25, 90),
+    ]
+    assert prepared.train == prepare_mixture("causal-lm", dataset(validationSplit=0), sources, [], seed=1).train
+
+
+def test_a_mixture_holds_out_validation_before_repeating_and_dedupes_across_sources(tmp_path: Path) -> None:
+    sources = mixture(tmp_path, {"a": 20, "b": 20}, {"a": 4, "b": 1})
+    jsonl(tmp_path / "b.jsonl", [{"text": "a 0"}] + [{"text": f"b {index}"} for index in range(19)])
+    prepared = prepare_mixture("causal-lm", dataset(validationSplit=0.1), sources, [], seed=3)
+    assert prepared.report.duplicates == 1
+    held_out = {example["text"] for example in prepared.validation}
+    assert len(held_out) == 2 + 1 and not held_out & {example["text"] for example in prepared.train}
+    # 36 kept (18 of each), 4 to 1: round(28.8) and round(7.2).
+    assert Counter(source_of(example) for example in prepared.train) == {"a": 29, "b": 7}

@@ -124,6 +124,24 @@ def test_the_training_job_mounts_the_claims_its_uris_name() -> None:
     assert "readOnly" not in mounts[f"{contract.PVC_MOUNT_ROOT}/model-store/out/ner"]
 
 
+def test_every_source_of_a_mixture_is_mounted_read_only() -> None:
+    mixture = [{"uri": "pvc://chats/2026/", "weight": 3}, {"uri": "pvc://code/python.jsonl", "weight": 1}]
+    spec = spec_of("ner-bitfit.yaml", dataset={"mixture": mixture})
+    job = render_job(TrainingTarget("ner", "team-a", "uid-1", spec, naming.revision(spec), "trainer:test"))
+    pod = job["spec"]["template"]["spec"]
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    mounts = {
+        (claims[m["name"]], m["mountPath"]): m.get("readOnly")
+        for m in pod["containers"][0]["volumeMounts"]
+        if m["name"] in claims
+    }
+    root = contract.PVC_MOUNT_ROOT
+    assert mounts[("chats", f"{root}/chats/2026")] is True
+    assert mounts[("code", f"{root}/code")] is True
+
+
 def test_no_spec_string_is_expanded_by_the_kubelet() -> None:
     """output.uri "s3://bucket/out/$(AWS_SECRET_ACCESS_KEY)/" must reach the fetch container as written."""
     sneaky = "s3://bucket/out/$(AWS_SECRET_ACCESS_KEY)/"

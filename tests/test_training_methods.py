@@ -348,3 +348,29 @@ def test_a_compiled_run_takes_the_steps_an_eager_run_takes(
     assert "compiling the model's 2 blocks" in caplog.text
     # Inductor fuses and reorders float operations: the same steps, not the same bits.
     assert compiled == pytest.approx(losses(False), rel=1e-3)
+
+
+def test_a_mixture_of_chats_and_texts_trains_and_its_card_says_what_was_drawn(
+    tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path]
+) -> None:
+    outcome, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {"uri": f"file://{bases['llama']}/"},
+            "dataset": {
+                "mixture": [
+                    {"uri": f"file://{datasets['chat']}", "weight": 3},
+                    {"uri": f"file://{datasets['text']}", "weight": 1},
+                ],
+                "maxLength": 64,
+            },
+            "method": {"type": "full"},
+            "hyperparameters": {"maxSteps": 2, "batchSize": 4},
+        },
+    )
+    card = (published / "README.md").read_text()
+    # 240 rows each, 105 distinct, 10 held out for validation: 95 kept of each, 190 drawn 3 to 1.
+    assert f"file://{datasets['chat']}: 142 drawn of 95 (240 rows read)" in card
+    assert f"file://{datasets['text']}: 48 drawn of 95 (240 rows read)" in card
+    assert "| trainExamples | 190 |" in card
+    assert outcome.progress.step == 2

@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from tunery.api import contract
 from tunery.api.trainer_config import TrainerConfig
 from tunery_trainer import failures, redaction
-from tunery_trainer.data import prepare
+from tunery_trainer.data import prepare_mixture
 from tunery_trainer.failures import Failure
-from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage, download_from_hub
+from tunery_trainer.storage import MANIFEST_NAME, S3Settings, Storage, download_from_hub, fetch_sources
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Tunery's trainer (the container entrypoint).")
 
@@ -145,11 +145,11 @@ def _load(path: Path) -> TrainerConfig:
 def _check_data(config: TrainerConfig, workdir: Path) -> dict:
     spec = config.spec
     storage = Storage(S3Settings.from_spec(spec.storage))
-    train_files = storage.fetch(spec.dataset.train, workdir / "data" / "train")
     validation_files = (
         storage.fetch(spec.dataset.validation, workdir / "data" / "validation") if spec.dataset.validation else []
     )
-    prepared = prepare(spec.task, spec.dataset, train_files, validation_files, spec.hyperparameters.seed)
+    sources = fetch_sources(storage, spec.dataset, workdir / "data")
+    prepared = prepare_mixture(spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed)
     report = prepared.report
     return {
         "rowsRead": report.rows_read,
@@ -160,6 +160,7 @@ def _check_data(config: TrainerConfig, workdir: Path) -> dict:
         "badRows": dict(report.bad_rows),
         "firstProblems": report.first_problems,
         "labels": prepared.label_names,
+        **({"mixture": report.sources} if len(report.sources) > 1 else {}),
         "bytesDownloaded": storage.bytes_downloaded,
     }
 

@@ -68,6 +68,8 @@ class DataReport:
     empty_rows: int = 0
     duplicates: int = 0
     first_problems: list[str] = field(default_factory=list)
+    # Per source of a mixture: its URI, rows read, examples it holds after dedupe and split, and examples drawn.
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
     def note(self, problem: str, where: str) -> None:
         self.bad_rows[problem] += 1
@@ -85,22 +87,73 @@ class PreparedData:
     label_names: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SourceFiles:
+    """One training source's local files, and its weight in the mixture."""
+
+    uri: str
+    weight: float
+    files: list[Path]
+
+
 def prepare(
     task: Task, dataset: Dataset, train_files: list[Path], validation_files: list[Path], seed: int
 ) -> PreparedData:
-    """Read, check, clean, dedupe and split; raise DataError for anything that must stop the run."""
+    """Read, check, clean, dedupe and split one training source; raise DataError for anything that must stop the run."""
+    return prepare_mixture(task, dataset, [SourceFiles(dataset.train or "", 1.0, train_files)], validation_files, seed)
+
+
+def prepare_mixture(
+    task: Task, dataset: Dataset, sources: list[SourceFiles], validation_files: list[Path], seed: int
+) -> PreparedData:
+    """Read, check, clean, dedupe (across the sources) and split each source, then mix the sources by weight.
+
+    Each source's validation share is held out before mixing, so no example repeated for its weight can also be
+    a validation example.
+    """
     report = DataReport()
-    train = _examples(task, dataset, train_files, report)
+    seen: set[bytes] = set()
+    parts = []
+    for source in sources:
+        rows_before = report.rows_read
+        examples = _examples(task, dataset, source.files, report)
+        parts.append(_dedupe(examples, report, seen) if dataset.dedupe else examples)
+        report.sources.append({"uri": source.uri, "rowsRead": report.rows_read - rows_before})
     validation = _examples(task, dataset, validation_files, report) if validation_files else []
-    if dataset.dedupe:
-        train = _dedupe(train, report)
-    if not validation and dataset.validation_split > 0 and len(train) > 1:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        held_out = max(1, int(len(train) * dataset.validation_split))
-        validation = [train[index] for index in order[:held_out]]
-        train = [train[index] for index in order[held_out:]]
+    if not validation and dataset.validation_split > 0:
+        held_out = [_split(examples, dataset.validation_split, seed) for examples in parts]
+        parts = [kept for kept, _ in held_out]
+        validation = [example for _, out in held_out for example in out]
+    train = parts[0] if len(parts) == 1 else _mixed(parts, [source.weight for source in sources], seed, report)
     return PreparedData(train, validation, report, _label_names(task, train, validation))
+
+
+def _split(examples: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): a seeded fraction held out, at least one, when there are two examples or more."""
+    if len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    count = max(1, int(len(examples) * fraction))
+    return [examples[index] for index in order[count:]], [examples[index] for index in order[:count]]
+
+
+def _mixed(parts: list[list[dict[str, Any]]], weights: list[float], seed: int, report: DataReport) -> list:
+    """As many examples as the sources hold together, each source's share by its weight: whole seeded passes over
+    a source while its share exceeds what it holds, then a seeded part of one more pass."""
+    total = sum(map(len, parts))
+    mixed: list[dict[str, Any]] = []
+    for number, (examples, weight, source) in enumerate(zip(parts, weights, report.sources, strict=True)):
+        share = max(1, round(total * weight / sum(weights))) if examples else 0
+        generator = random.Random(seed * 1_000_003 + number)
+        drawn: list[int] = []
+        while len(drawn) < share:
+            order = list(range(len(examples)))
+            generator.shuffle(order)
+            drawn += order[: share - len(drawn)]
+        mixed += [examples[index] for index in drawn]
+        source |= {"examples": len(examples), "drawn": share}
+    return mixed
 
 
 def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataReport) -> list[dict[str, Any]]:
@@ -318,9 +371,9 @@ def _kind(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _dedupe(examples: list[dict[str, Any]], report: DataReport) -> list[dict[str, Any]]:
+def _dedupe(examples: list[dict[str, Any]], report: DataReport, seen: set[bytes]) -> list[dict[str, Any]]:
+    """The examples not `seen` before (in this list or an earlier source's), in order."""
     # 16-byte digests, not the examples' text: a million rows cost tens of megabytes to remember.
-    seen: set[bytes] = set()
     kept = []
     for example in examples:
         canonical = json.dumps(example, sort_keys=True, ensure_ascii=False)

@@ -17,13 +17,13 @@ from tunery_trainer import checkpoints, sharding
 from tunery_trainer.attention import attention_kernel
 from tunery_trainer.batching import flattens
 from tunery_trainer.checkpoints import Progress
-from tunery_trainer.data import DataError, PreparedData, prepare
+from tunery_trainer.data import DataError, PreparedData, prepare_mixture
 from tunery_trainer.metrics import TrainerMetrics
 from tunery_trainer.modeling import load_model, load_tokenizer, restore_weights
 from tunery_trainer.progress import ProgressReporter
 from tunery_trainer.publishing import publish_model
 from tunery_trainer.reporting import Reporter
-from tunery_trainer.storage import S3Settings, Storage, download_from_hub
+from tunery_trainer.storage import S3Settings, Storage, download_from_hub, fetch_sources
 from tunery_trainer.tokenization import TokenizedData, tokenize
 from tunery_trainer.training import Distributed, Hooks, is_sharded, train
 
@@ -96,6 +96,8 @@ def run(
         sum(prepared.report.bad_rows.values()),
         tokenized.truncated,
     )
+    if "mixture" in data_stats:
+        logger.info("data mixture: %s", data_stats["mixture"])
     torch.manual_seed(spec.hyperparameters.seed)
     # FSDP moves each block to the GPU as it shards it: a whole copy on every GPU first would defeat sharding.
     sharded = is_sharded(spec, distributed)
@@ -168,11 +170,11 @@ def _fetch_and_prepare(config: TrainerConfig, storage: Storage, workdir: Path) -
     data_dir = workdir / "data"
     # Every process on a node fetches into its own directory: simple, and the data is small next to the model.
     rank_dir = data_dir / f"rank-{os.environ.get('LOCAL_RANK', '0')}"
-    train_files = storage.fetch(spec.dataset.train, rank_dir / "train")
     validation_files = (
         storage.fetch(spec.dataset.validation, rank_dir / "validation") if spec.dataset.validation else []
     )
-    return prepare(spec.task, spec.dataset, train_files, validation_files, spec.hyperparameters.seed)
+    sources = fetch_sources(storage, spec.dataset, rank_dir)
+    return prepare_mixture(spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed)
 
 
 def _fetch_model(spec: FineTuneJobSpec, storage: Storage, workdir: Path) -> tuple[Path | None, Path | None]:
@@ -221,7 +223,7 @@ def _tokenized(spec: FineTuneJobSpec, tokenizer: Any, prepared: PreparedData) ->
     )
     if not tokenized.train:
         raise DataError(
-            f"{dataset.train}: no training sequence is left after tokenisation with maxLength {dataset.max_length} "
+            f"{dataset.train or 'dataset.mixture'}: no training sequence is left after tokenisation with maxLength {dataset.max_length} "
             "(every completion was truncated away): raise dataset.maxLength or shorten the prompts"
         )
     return tokenized
@@ -261,4 +263,12 @@ def _data_stats(prepared: PreparedData, tokenized: TokenizedData) -> dict[str, A
         "badRows": sum(report.bad_rows.values()),
         "truncated": tokenized.truncated,
         "labels": len(prepared.label_names),
+        **({"mixture": _mixture(report.sources)} if len(report.sources) > 1 else {}),
     }
+
+
+def _mixture(sources: list[dict[str, Any]]) -> str:
+    return "; ".join(
+        f"{source['uri']}: {source['drawn']} drawn of {source['examples']} ({source['rowsRead']} rows read)"
+        for source in sources
+    )

@@ -20,8 +20,10 @@ from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from tunery.api import contract
+from tunery.api.spec import Dataset
 from tunery.api.spec import Storage as StorageSpec
 from tunery_trainer import disk
+from tunery_trainer.data import SourceFiles
 from tunery_trainer.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -469,3 +471,11 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: stream.read(4 * _MIB), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fetch_sources(storage: Storage, dataset: Dataset, directory: Path) -> list[SourceFiles]:
+    """Each training source's files (the mixture's, or train's), fetched into a directory of its own."""
+    return [
+        SourceFiles(source.uri, source.weight, storage.fetch(source.uri, directory / f"train-{number}"))
+        for number, source in enumerate(dataset.sources())
+    ]

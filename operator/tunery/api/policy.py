@@ -101,6 +101,7 @@ def _local_only_uris(spec: FineTuneJobSpec) -> list[FieldError]:
         "spec.baseModel.uri": spec.base_model.uri,
         "spec.baseModel.tokenizer.uri": spec.base_model.tokenizer.uri if spec.base_model.tokenizer else None,
         "spec.dataset.train": spec.dataset.train,
+        **{f"spec.dataset.mixture[{index}].uri": source.uri for index, source in enumerate(spec.dataset.mixture or [])},
         "spec.dataset.validation": spec.dataset.validation,
         "spec.output.uri": spec.output.uri,
     }

@@ -16,6 +16,11 @@ _CLASSIFICATION = "['sequence-classification', 'token-classification']"
 
 SPEC_RULES: tuple[Rule, ...] = (
     Rule(
+        "has(self.dataset.train) != has(self.dataset.mixture)",
+        ".dataset.train",
+        "set exactly one of dataset.train (one source) and dataset.mixture (several sources, each with a weight)",
+    ),
+    Rule(
         "has(self.baseModel.uri) || has(self.baseModel.architecture)",
         ".baseModel.uri",
         "set baseModel.uri to the model to fine-tune, or baseModel.architecture and baseModel.config to pretrain from scratch",

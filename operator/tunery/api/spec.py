@@ -71,11 +71,23 @@ class DatasetColumns(ApiModel):
     """The list of per-word tags, for token classification."""
 
 
+class DatasetSource(ApiModel):
+    """One source of a training mixture, and its share of the examples."""
+
+    uri: SourceUri
+    """One file, or a prefix (ending in /) whose shards are all read."""
+    weight: float = Field(1.0, gt=0, le=1_000_000)
+    """Its share of each epoch's training examples, relative to the other sources' weights."""
+
+
 class Dataset(ApiModel):
     """The training data and how to prepare it."""
 
-    train: SourceUri
-    """The training data: one file, or a prefix (ending in /) whose shards are all read."""
+    train: SourceUri | None = None
+    """The training data: one file, or a prefix (ending in /) whose shards are all read. Or set mixture instead."""
+    mixture: list[DatasetSource] | None = Field(None, min_length=2, max_length=32)
+    """Several training sources mixed by weight, instead of train: an epoch holds as many examples as the sources
+    together, each source's share set by its weight (repeated when its share is more than it holds)."""
     validation: SourceUri | None = None
     """Validation data. When absent, validationSplit of the training data is held out."""
     validation_split: float = Field(0.1, ge=0.0, lt=1.0)
@@ -90,6 +102,10 @@ class Dataset(ApiModel):
     """Lay a micro-batch's examples end to end in one row, unpadded, each attending only to itself (causal-LM)."""
     dedupe: bool = True
     """Drop exact duplicate examples before training."""
+
+    def sources(self) -> list[DatasetSource]:
+        """The training sources: the mixture, or train alone."""
+        return self.mixture or ([DatasetSource(uri=self.train)] if self.train else [])
 
 
 class LoraSettings(ApiModel):

@@ -36,6 +36,7 @@ _ADDED_SINCE_FIRST_RELEASE = {
     ("resources", "ephemeral_storage"): "100Gi",
     ("storage", "retry_timeout_seconds"): contract.STORAGE_RETRY_SECONDS,
     ("hyperparameters", "compile"): False,
+    ("dataset", "mixture"): None,
 }
 # Nested fields that do not change what is trained: whose checkpoints a run may adopt must not move the run to a
 # new revision, whose empty checkpoint prefix would hold none of them.

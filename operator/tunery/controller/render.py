@@ -208,7 +208,9 @@ def training_claims(spec: FineTuneJobSpec) -> ClaimMounts:
     """The trainer reads its inputs from claims read-only and writes only its output."""
     tokenizer = spec.base_model.tokenizer.uri if spec.base_model.tokenizer else None
     return claim_mounts(
-        [spec.base_model.uri, tokenizer], [spec.dataset.train, spec.dataset.validation], [spec.output.uri]
+        [spec.base_model.uri, tokenizer],
+        [*(source.uri for source in spec.dataset.sources()), spec.dataset.validation],
+        [spec.output.uri],
     )
 
 
