@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from local_jobs import lora_manifest
 from tiny_models import decoder, sentences, write_jsonl
 
 from tunery.local_run import local_config
@@ -18,21 +19,16 @@ def test_adapter_on_gpu_trains_and_publishes(tmp_path: Path, method: str) -> Non
     assert torch.cuda.is_available(), "the gpu tier runs only where a GPU is visible"
     base = decoder(tmp_path / "base")
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": text} for text in sentences(200)])
-    config = local_config(
-        {
-            "apiVersion": "tunery.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": method},
-            "spec": {
-                "baseModel": {"uri": f"file://{base}/"},
-                "dataset": {"train": f"file://{data}", "maxLength": 64},
-                "method": {"type": method},
-                "hyperparameters": {"maxSteps": 20, "batchSize": 8, "learningRate": 1e-2, "precision": "bf16"},
-                "output": {"uri": f"file://{tmp_path}/out/"},
-                "resources": {"gpus": 1},
-            },
-        }
+    manifest = lora_manifest(
+        method,
+        base,
+        data,
+        f"file://{tmp_path}/out/",
+        method={"type": method},
+        hyperparameters={"maxSteps": 20, "batchSize": 8, "learningRate": 1e-2, "precision": "bf16"},
+        resources={"gpus": 1},
     )
+    config = local_config(manifest)
     outcome = run(config, tmp_path / "work")
     losses = [loss for _, loss in outcome.progress.train_loss]
     assert sum(losses[-4:]) < sum(losses[:4])

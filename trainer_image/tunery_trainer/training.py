@@ -232,7 +232,7 @@ def train(
             loss_sum = torch.zeros((), device=device)
             tokens = samples = 0
             for number, batch in enumerate(micro_batches):
-                tokens += int(batch["input_ids"].numel() if "cu_seq_lens_q" in batch else _real_tokens(batch))
+                tokens += _real_tokens(batch)
                 samples += _examples(batch)
                 last = number == len(micro_batches) - 1
                 if sharded:
@@ -294,7 +294,7 @@ def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _real_tokens(batch: dict[str, Any]) -> int:
-    """The tokens of a padded micro-batch that are not padding."""
+    """The tokens of a micro-batch that are not padding (a flattened one has none, and no mask)."""
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
 
 
