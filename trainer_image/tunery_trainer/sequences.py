@@ -4,18 +4,26 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
+# The label of a token that carries no loss (PyTorch's cross-entropy ignore_index).
+IGNORE_INDEX = -100
+# A token's flag in a sequence's `learned` bytes: it is its own label.
+LEARNED = b"\x01"
+
 
 class Sequences(Sequence):
     """A list of tokenised sequences (`input_ids`, and `labels` per token or one class `label`), read back as dicts.
 
-    Python lists would hold every token as a 28-byte int object behind an 8-byte pointer; here a token costs 4 bytes
-    (8 with per-token labels), and a chunk tokenised in a worker process comes back as a few flat buffers.
+    Python lists would hold every token as a 28-byte int object behind an 8-byte pointer; here a token costs 4 bytes,
+    and a chunk tokenised in a worker process comes back as a few flat buffers. A language model's labels are its
+    ids with IGNORE_INDEX where no loss is wanted, so a sequence may give them as `learned` bytes (LEARNED where the
+    token is its own label): one byte a token, not four.
     """
 
     def __init__(self) -> None:
         self._fields: tuple[str, ...] = ()
         self._ids = array("i")
         self._labels = array("i")
+        self._learned = bytearray()
         self._classes = array("i")
         self._ends = array("q")
 
@@ -24,6 +32,8 @@ class Sequences(Sequence):
         self._ids.extend(sequence["input_ids"])
         if "labels" in sequence:
             self._labels.extend(sequence["labels"])
+        if "learned" in sequence:
+            self._learned += sequence["learned"]
         if "label" in sequence:
             self._classes.append(sequence["label"])
         self._ends.append(len(self._ids))
@@ -33,6 +43,7 @@ class Sequences(Sequence):
         offset = len(self._ids)
         self._ids.extend(other._ids)
         self._labels.extend(other._labels)
+        self._learned += other._learned
         self._classes.extend(other._classes)
         self._ends.extend(end + offset for end in other._ends)
 
@@ -53,9 +64,17 @@ class Sequences(Sequence):
             raise IndexError(index)
         end = self._ends[index]
         start = self._ends[index - 1] if index > 0 else 0
-        item: dict[str, Any] = {"input_ids": self._ids[start:end].tolist()}
+        ids = self._ids[start:end].tolist()
+        item: dict[str, Any] = {"input_ids": ids}
         if "labels" in self._fields:
             item["labels"] = self._labels[start:end].tolist()
+        if "learned" in self._fields:
+            learned = self._learned[start:end]
+            item["labels"] = (
+                list(ids)
+                if 0 not in learned
+                else [token if flag else IGNORE_INDEX for token, flag in zip(ids, learned, strict=True)]
+            )
         if "label" in self._fields:
             item["label"] = self._classes[index]
         return item

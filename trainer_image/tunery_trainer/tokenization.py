@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunery.api.spec import Task
-from tunery_trainer.sequences import Sequences
+from tunery_trainer.sequences import IGNORE_INDEX, LEARNED, Sequences
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "TokenizedData", "tokenize"]
 # No tokenizer puts more characters than this in one token (typically 3 to 5), so text cut at maxLength times this
 # still gives maxLength tokens, while a 50 MB row costs the tokenizer no more memory than maxLength allows.
 CHARS_PER_TOKEN = 32
@@ -48,7 +48,9 @@ def tokenize(
     Examples go in chunks, each tokenised with batched tokenizer calls; with more than one chunk and more than one
     process, `processes` forked workers take the chunks, and the results keep the examples' order.
     """
-    work = _Chunk(task, tokenizer, max_length, {name: index for index, name in enumerate(label_names)})
+    work = _Chunk(
+        task, tokenizer, max_length, {name: index for index, name in enumerate(label_names)}, tokenizer.eos_token_id
+    )
     result = TokenizedData(Sequences(), Sequences())
     for examples, target in ((train, result.train), (validation, result.validation)):
         chunks = [examples[start : start + CHUNK_EXAMPLES] for start in range(0, len(examples), CHUNK_EXAMPLES)]
@@ -66,14 +68,16 @@ class _Chunk:
     tokenizer: Any
     max_length: int
     label_ids: dict[str, int]
+    eos_id: int | None
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> tuple[Sequences, int]:
-        bounded = [_bounded(example, self.max_length) for example in examples]
+        cuts = [_too_long(example, self.max_length) for example in examples]
+        bounded = [
+            _bounded(example, self.max_length) if cut else example for example, cut in zip(examples, cuts, strict=True)
+        ]
         sequences, truncated = Sequences(), 0
-        for (example, cut), encoded in zip(bounded, self._encoded([example for example, _ in bounded]), strict=True):
-            sequence, cut_here = _tokenize_one(
-                self.task, self.tokenizer, example, self.max_length, self.label_ids, encoded
-            )
+        for example, cut, encoded in zip(bounded, cuts, self._encoded(bounded), strict=True):
+            sequence, cut_here = _tokenize_one(self, example, encoded)
             truncated += bool(cut_here or cut)
             if sequence is not None:
                 sequences.append(sequence)
@@ -97,8 +101,20 @@ class _Chunk:
         return encoded
 
 
-def _ids(tokenizer: Any, texts: list[str], **options: Any) -> list[list[int]]:
-    return tokenizer(texts, truncation=False, **options)["input_ids"] if texts else []
+def _ids(tokenizer: Any, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Each text's token ids, from the Rust tokenizer directly where there is one: without the offsets and the
+    Python-side encodings the wrapper builds, which cost as much as the tokenizing itself."""
+    if not texts:
+        return []
+    backend = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer(texts, truncation=False, add_special_tokens=add_special_tokens)["input_ids"]
+    # As the wrapper does for truncation=False: a tokenizer.json may ship with truncation or padding switched on.
+    if backend.truncation:
+        backend.no_truncation()
+    if backend.padding:
+        backend.no_padding()
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
 # The chunk function a forked worker runs, installed before the fork so that the tokenizer is never pickled.
@@ -123,8 +139,20 @@ def _run_installed(examples: Sequence[dict[str, Any]]) -> tuple[Sequences, int]:
     return _installed(examples)
 
 
-def _bounded(example: dict[str, Any], max_length: int) -> tuple[dict[str, Any], bool]:
-    """The example cut to what max_length tokens can hold, and whether anything was cut."""
+def _too_long(example: dict[str, Any], max_length: int) -> bool:
+    """Whether the example holds more than max_length tokens can (so _bounded cuts it)."""
+    chars = max_length * CHARS_PER_TOKEN
+    if "tokens" in example:
+        pieces = example["tokens"]
+    elif "messages" in example:
+        pieces = [message["content"] for message in example["messages"]]
+    else:
+        return any(len(example.get(key, "")) > chars for key in ("text", "prompt", "completion"))
+    return len(pieces) > max_length or sum(map(len, pieces)) > chars
+
+
+def _bounded(example: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """The example cut to what max_length tokens can hold."""
     chars = max_length * CHARS_PER_TOKEN
     bounded = dict(example)
     for key in ("text", "prompt", "completion"):
@@ -139,7 +167,7 @@ def _bounded(example: dict[str, Any], max_length: int) -> tuple[dict[str, Any], 
         bounded["messages"] = [
             {**message, "content": content} for message, content in zip(example["messages"], contents, strict=False)
         ]
-    return bounded, bounded != example
+    return bounded
 
 
 def _within(texts: list[str], chars: int, count: int) -> list[str]:
@@ -153,11 +181,10 @@ def _within(texts: list[str], chars: int, count: int) -> list[str]:
     return kept
 
 
-def _tokenize_one(
-    task: Task, tokenizer: Any, example: dict[str, Any], max_length: int, label_ids: dict[str, int], encoded: Any
-) -> tuple[dict[str, Any] | None, bool]:
+def _tokenize_one(work: _Chunk, example: dict[str, Any], encoded: Any) -> tuple[dict[str, Any] | None, bool]:
     """One example's sequence (None when nothing is left to learn), and whether it was truncated; `encoded` is the
     tokenizer's batched output for it (ids; prompt and completion ids; ids and word ids; None for a chat)."""
+    task, max_length, label_ids = work.task, work.max_length, work.label_ids
     if task == "sequence-classification":
         return {"input_ids": encoded[:max_length], "label": label_ids[example["label"]]}, len(encoded) > max_length
     if task == "token-classification":
@@ -165,31 +192,30 @@ def _tokenize_one(
     if task == "masked-lm":
         return {"input_ids": encoded[:max_length]}, len(encoded) > max_length
     if "messages" in example:
-        ids, labels = _chat(tokenizer, example["messages"])
+        ids, learned = _chat(work.tokenizer, example["messages"])
     elif "prompt" in example:
-        ids, labels = _prompt_completion(tokenizer, *encoded)
+        prompt_ids, completion_ids = encoded
+        ids = prompt_ids + _with_eos(completion_ids, work.eos_id)
+        learned = bytes(len(prompt_ids)) + LEARNED * (len(ids) - len(prompt_ids))
     else:
-        ids = _with_eos(tokenizer, encoded)
-        labels = list(ids)
+        ids = _with_eos(encoded, work.eos_id)
+        learned = LEARNED * len(ids)
     truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE_INDEX for label in labels[1:]):
+    if truncated:
+        ids, learned = ids[:max_length], learned[:max_length]
+    if learned.find(LEARNED, 1) < 0:
         # Truncation left no completion token to learn from.
         return None, truncated
-    return {"input_ids": ids, "labels": labels}, truncated
+    return {"input_ids": ids, "learned": learned}, truncated
 
 
-def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return ids
 
 
-def _prompt_completion(tokenizer: Any, prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
-    completion_ids = _with_eos(tokenizer, completion_ids)
-    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-
-
-def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], bytes]:
     """Render with the chat template; only the characters each assistant turn adds carry a loss."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
@@ -201,12 +227,8 @@ def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], li
         if text.startswith(through) and through.startswith(before):
             spans.append((len(before), len(through)))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    ids = encoded["input_ids"]
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
-    ]
-    return ids, labels
+    learned = bytes(any(start <= begin < end for start, end in spans) for begin, _ in encoded["offset_mapping"])
+    return encoded["input_ids"], learned
 
 
 def _aligned_tags(
