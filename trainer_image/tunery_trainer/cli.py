@@ -149,7 +149,9 @@ def _check_data(config: TrainerConfig, workdir: Path) -> dict:
         storage.fetch(spec.dataset.validation, workdir / "data" / "validation") if spec.dataset.validation else []
     )
     sources = fetch_sources(storage, spec.dataset, workdir / "data")
-    prepared = prepare_mixture(spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed)
+    prepared = prepare_mixture(
+        spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed, spool_directory=workdir / "data"
+    )
     report = prepared.report
     return {
         "rowsRead": report.rows_read,

@@ -1,11 +1,11 @@
 """Read and check the training data before any model is loaded: formats, columns, types, cleaning, dedupe and the split."""
 
 import csv
-import hashlib
 import json
 import random
 import re
 import unicodedata
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from tunery.api.spec import Dataset, Task
 from tunery_trainer.redaction import redact
+from tunery_trainer.spool import Examples, Spool
 
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
@@ -79,11 +80,12 @@ class DataReport:
 
 @dataclass
 class PreparedData:
-    """Examples in a task-specific shape, ready for tokenisation."""
+    """Examples in a task-specific shape, spooled to disk, ready for tokenisation."""
 
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
+    train: Examples
+    validation: Examples
     report: DataReport
+    spool: Spool
     label_names: list[str] = field(default_factory=list)
 
 
@@ -97,52 +99,72 @@ class SourceFiles:
 
 
 def prepare(
-    task: Task, dataset: Dataset, train_files: list[Path], validation_files: list[Path], seed: int
+    task: Task,
+    dataset: Dataset,
+    train_files: list[Path],
+    validation_files: list[Path],
+    seed: int,
+    spool_directory: Path | None = None,
 ) -> PreparedData:
     """Read, check, clean, dedupe and split one training source; raise DataError for anything that must stop the run."""
-    return prepare_mixture(task, dataset, [SourceFiles(dataset.train or "", 1.0, train_files)], validation_files, seed)
+    source = SourceFiles(dataset.train or "", 1.0, train_files)
+    return prepare_mixture(task, dataset, [source], validation_files, seed, spool_directory)
 
 
 def prepare_mixture(
-    task: Task, dataset: Dataset, sources: list[SourceFiles], validation_files: list[Path], seed: int
+    task: Task,
+    dataset: Dataset,
+    sources: list[SourceFiles],
+    validation_files: list[Path],
+    seed: int,
+    spool_directory: Path | None = None,
 ) -> PreparedData:
     """Read, check, clean, dedupe (across the sources) and split each source, then mix the sources by weight.
 
     Each source's validation share is held out before mixing, so no example repeated for its weight can also be
-    a validation example.
+    a validation example. The examples go to a spool file in `spool_directory` (the system's temporary directory
+    by default).
     """
     report = DataReport()
+    spool = Spool(spool_directory)
     seen: set[bytes] = set()
     parts = []
     for source in sources:
         rows_before = report.rows_read
-        examples = _examples(task, dataset, source.files, report)
-        parts.append(_dedupe(examples, report, seen) if dataset.dedupe else examples)
+        examples, digests = _examples(task, dataset, source.files, report, spool)
+        parts.append(_dedupe(examples, digests, report, seen) if dataset.dedupe else examples)
         report.sources.append({"uri": source.uri, "rowsRead": report.rows_read - rows_before})
-    validation = _examples(task, dataset, validation_files, report) if validation_files else []
+    validation = _examples(task, dataset, validation_files, report, spool)[0] if validation_files else parts[0][:0]
     if not validation and dataset.validation_split > 0:
         held_out = [_split(examples, dataset.validation_split, seed) for examples in parts]
         parts = [kept for kept, _ in held_out]
-        validation = [example for _, out in held_out for example in out]
+        validation = _joined([out for _, out in held_out])
     train = parts[0] if len(parts) == 1 else _mixed(parts, [source.weight for source in sources], seed, report)
-    return PreparedData(train, validation, report, _label_names(task, train, validation))
+    return PreparedData(train, validation, report, spool, _label_names(task, train, validation))
 
 
-def _split(examples: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+def _joined(parts: list[Examples]) -> Examples:
+    joined = parts[0]
+    for part in parts[1:]:
+        joined += part
+    return joined
+
+
+def _split(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
     """(kept, held out): a seeded fraction held out, at least one, when there are two examples or more."""
     if len(examples) < 2:
-        return examples, []
+        return examples, examples[:0]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     count = max(1, int(len(examples) * fraction))
-    return [examples[index] for index in order[count:]], [examples[index] for index in order[:count]]
+    return examples.take(order[count:]), examples.take(order[:count])
 
 
-def _mixed(parts: list[list[dict[str, Any]]], weights: list[float], seed: int, report: DataReport) -> list:
+def _mixed(parts: list[Examples], weights: list[float], seed: int, report: DataReport) -> Examples:
     """As many examples as the sources hold together, each source's share by its weight: whole seeded passes over
     a source while its share exceeds what it holds, then a seeded part of one more pass."""
     total = sum(map(len, parts))
-    mixed: list[dict[str, Any]] = []
+    mixed = []
     for number, (examples, weight, source) in enumerate(zip(parts, weights, report.sources, strict=True)):
         share = max(1, round(total * weight / sum(weights))) if examples else 0
         generator = random.Random(seed * 1_000_003 + number)
@@ -151,13 +173,16 @@ def _mixed(parts: list[list[dict[str, Any]]], weights: list[float], seed: int, r
             order = list(range(len(examples)))
             generator.shuffle(order)
             drawn += order[: share - len(drawn)]
-        mixed += [examples[index] for index in drawn]
+        mixed.append(examples.take(drawn))
         source |= {"examples": len(examples), "drawn": share}
-    return mixed
+    return _joined(mixed)
 
 
-def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataReport) -> list[dict[str, Any]]:
-    examples: list[dict[str, Any]] = []
+def _examples(
+    task: Task, dataset: Dataset, files: list[Path], report: DataReport, spool: Spool
+) -> tuple[Examples, bytes]:
+    """The files' usable examples, spooled, with the 16-byte digests of their canonical JSON, end to end."""
+    starts, lengths, digests = array("q"), array("q"), bytearray()
     seen_columns: set[str] = set()
     for path in files:
         for row_number, row in _rows(path, dataset.format):
@@ -173,10 +198,13 @@ def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataRepor
             if not any(example.values()):
                 report.empty_rows += 1
                 continue
-            examples.append(example)
+            start, length, digest = spool.add(example)
+            starts.append(start)
+            lengths.append(length)
+            digests += digest
     bad = sum(report.bad_rows.values())
     names = quoted([path.name for path in files])
-    if not examples:
+    if not starts:
         problem = report.first_problems[0] if report.first_problems else "every row is empty after cleaning"
         hint = f"; the data has columns {quoted(sorted(seen_columns))}" if seen_columns else ""
         raise DataError(f"{names}: no usable example ({problem}){hint}", COLUMNS_FIX)
@@ -186,7 +214,7 @@ def _examples(task: Task, dataset: Dataset, files: list[Path], report: DataRepor
             f"the data has columns {quoted(sorted(seen_columns))}",
             COLUMNS_FIX,
         )
-    return examples
+    return spool.examples(starts, lengths), bytes(digests)
 
 
 def _rows(path: Path, declared_format: str) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
@@ -371,22 +399,21 @@ def _kind(value: Any) -> str:
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def _dedupe(examples: list[dict[str, Any]], report: DataReport, seen: set[bytes]) -> list[dict[str, Any]]:
-    """The examples not `seen` before (in this list or an earlier source's), in order."""
+def _dedupe(examples: Examples, digests: bytes, report: DataReport, seen: set[bytes]) -> Examples:
+    """The examples whose digest was not `seen` before (in these or an earlier source's), in order."""
     # 16-byte digests, not the examples' text: a million rows cost tens of megabytes to remember.
     kept = []
-    for example in examples:
-        canonical = json.dumps(example, sort_keys=True, ensure_ascii=False)
-        key = hashlib.blake2b(canonical.encode(errors="surrogatepass"), digest_size=16).digest()
+    for position in range(len(examples)):
+        key = digests[16 * position : 16 * position + 16]
         if key in seen:
             report.duplicates += 1
             continue
         seen.add(key)
-        kept.append(example)
-    return kept
+        kept.append(position)
+    return examples if len(kept) == len(examples) else examples.take(kept)
 
 
-def _label_names(task: Task, train: list[dict[str, Any]], validation: list[dict[str, Any]]) -> list[str]:
+def _label_names(task: Task, train: Examples, validation: Examples) -> list[str]:
     """The label map, from the training data; a validation label never seen in training is an error."""
     if task == "sequence-classification":
         known = sorted({example["label"] for example in train})

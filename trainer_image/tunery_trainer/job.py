@@ -80,9 +80,8 @@ def run(
     tokenizer = load_tokenizer(spec, model_dir, tokenizer_dir, _texts(prepared))
     tokenized = _tokenized(spec, tokenizer, prepared)
     data_stats = _data_stats(prepared, tokenized) | layout
-    # Tokenised, the examples are held flat; the raw rows' memory goes back before the model is loaded.
-    prepared.train.clear()
-    prepared.validation.clear()
+    # Tokenised, the examples are held flat; their spool's disk goes back before the model is loaded.
+    prepared.spool.remove()
     if metrics is not None:
         metrics.observe_data_loading(time.perf_counter() - fetch_started)
         metrics.add_s3_bytes("download", storage.bytes_downloaded)
@@ -174,7 +173,9 @@ def _fetch_and_prepare(config: TrainerConfig, storage: Storage, workdir: Path) -
         storage.fetch(spec.dataset.validation, rank_dir / "validation") if spec.dataset.validation else []
     )
     sources = fetch_sources(storage, spec.dataset, rank_dir)
-    return prepare_mixture(spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed)
+    return prepare_mixture(
+        spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed, spool_directory=rank_dir
+    )
 
 
 def _fetch_model(spec: FineTuneJobSpec, storage: Storage, workdir: Path) -> tuple[Path | None, Path | None]:
