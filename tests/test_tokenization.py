@@ -1,13 +1,16 @@
 """Token ids and labels: completion-only loss for prompts and chats, tag alignment to word pieces, batching."""
 
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import pytest
+from test_spool import spooled
 from tiny_models import decoder, minilm_path, sentences
 
 from tunery_trainer import tokenization
 from tunery_trainer.sequences import Sequences
+from tunery_trainer.spool import Spool
 from tunery_trainer.tokenization import CHARS_PER_TOKEN, DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, tokenize
 
 # What the ChatML template puts after every message; an assistant turn's loss may cover it (it ends the turn).
@@ -294,7 +297,7 @@ def mixed_examples(task: str) -> list[dict[str, Any]]:
     ],
 )
 def test_batched_and_parallel_tokenisation_gives_what_one_by_one_does(
-    request: pytest.FixtureRequest, task: str, tokenizer_name: str, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, task: str, tokenizer_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     tokenizer = request.getfixturevalue(tokenizer_name)
     examples = mixed_examples(task)
@@ -305,12 +308,27 @@ def test_batched_and_parallel_tokenisation_gives_what_one_by_one_does(
     monkeypatch.setattr(tokenization, "CHUNK_EXAMPLES", 4)
     batched = tokenize(*arguments)
     parallel = tokenize(*arguments, processes=2)
+    spool = Spool(tmp_path)
+    train, validation = spooled(spool, examples[5:]), spooled(spool, examples[:5])
+    from_spool = tokenize(task, tokenizer, train, validation, *arguments[4:], processes=2)
     assert one_by_one.truncated > 0
-    for data in (batched, parallel):
+    for data in (batched, parallel, from_spool):
         assert data.truncated == one_by_one.truncated
         assert list(data.train) == list(one_by_one.train) and list(data.validation) == list(one_by_one.validation)
     if task == "causal-lm":
         assert len(one_by_one.train) < len(examples) - 5
+
+
+def test_a_tokenizer_that_ships_with_truncation_or_padding_on_still_gives_whole_sequences(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    shipped = AutoTokenizer.from_pretrained(decoder(tmp_path))
+    text = " ".join(sentences(4, seed=3))
+    whole = shipped(text)["input_ids"] + [shipped.eos_token_id]
+    shipped.backend_tokenizer.enable_truncation(4)
+    shipped.backend_tokenizer.enable_padding(length=600)
+    data = tokenize("causal-lm", shipped, [{"text": text}], [], 512, [])
+    assert len(whole) > 4 and data.train[0]["input_ids"] == whole and data.truncated == 0
 
 
 def test_sequences_read_back_what_was_stored() -> None:
