@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from local_jobs import lora_manifest, write_trainer_config
@@ -27,7 +28,7 @@ EVERY = 10
 TOLERANCE = 1e-4
 
 
-def trainer_config(tmp_path: Path, base: Path, data: Path, name: str) -> Path:
+def trainer_config(tmp_path: Path, base: Path, data: Path, name: str, **spec: Any) -> Path:
     manifest = lora_manifest(
         name,
         base,
@@ -37,6 +38,7 @@ def trainer_config(tmp_path: Path, base: Path, data: Path, name: str) -> Path:
         hyperparameters={"maxSteps": STEPS, "batchSize": 4, "learningRate": 1e-2},
         evaluation={"everySteps": 30},
         checkpoints={"everySteps": EVERY, "keep": 2},
+        **spec,
     )
     return write_trainer_config(manifest, tmp_path / f"{name}.json")
 
@@ -66,13 +68,28 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return decoder(root / "base"), write_jsonl(root / "train.jsonl", [{"text": text} for text in sentences(300, 3)])
 
 
-def test_killed_run_resumes_exactly(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+@pytest.fixture(scope="module")
+def preference_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_preference_training import pairs
+
+    return write_jsonl(tmp_path_factory.mktemp("resume-pairs") / "pairs.jsonl", pairs(300, seed=3))
+
+
+# DPO's reference log-probabilities are the base model's: a resumed run must compute them before it restores the
+# checkpoint's weights, or its losses drift from the uninterrupted run's.
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_killed_run_resumes_exactly(
+    tmp_path: Path, inputs: tuple[Path, Path], preference_pairs: Path, objective: str
+) -> None:
     base, data = inputs
-    uninterrupted = trainer_config(tmp_path, base, data, "uninterrupted")
+    spec: dict[str, Any] = {}
+    if objective == "dpo":
+        data, spec = preference_pairs, {"objective": {"type": "dpo"}}
+    uninterrupted = trainer_config(tmp_path, base, data, "uninterrupted", **spec)
     process = start(uninterrupted, tmp_path / "work-a")
     assert process.wait(timeout=600) == 0, process.stdout.read()
 
-    interrupted = trainer_config(tmp_path, base, data, "interrupted")
+    interrupted = trainer_config(tmp_path, base, data, "interrupted", **spec)
     checkpoints = published(interrupted) / "checkpoints"
     process = start(interrupted, tmp_path / "work-b")
     deadline = time.monotonic() + 300

@@ -137,7 +137,7 @@ def test_a_hostile_base_model_runs_no_code_in_the_trainer(tmp_path: Path, base: 
     marker = tmp_path / "pwned"
     directory = hostile(base, tmp_path / "model", marker)
     settings = spec(method={"type": "full"})
-    tokenizer = load_tokenizer(settings, base, None, [])
+    tokenizer = load_tokenizer(settings, base, None, list)
     with pytest.raises(Exception):  # noqa: B017, PT011 - transformers' own refusal; what matters is the marker
         load_model(settings, directory, tokenizer, [], torch.device("cpu"))
     assert not marker.exists()
@@ -148,7 +148,7 @@ def test_model_code_runs_only_when_the_spec_trusts_it(tmp_path: Path, base: Path
     directory = hostile_remote_code(base, tmp_path / "model", marker)
     settings = spec(method={"type": "full"}, baseModel={"uri": "file:///models/base/", "trustRemoteCode": True})
     with pytest.raises(Exception):  # noqa: B017, PT011 - the code defines no model; that it ran is the point
-        load_model(settings, directory, load_tokenizer(settings, base, None, []), [], torch.device("cpu"))
+        load_model(settings, directory, load_tokenizer(settings, base, None, list), [], torch.device("cpu"))
     assert marker.exists()
 
 

@@ -63,10 +63,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 101 + rank) % (2**63)
 
 
-def collator(task: str, tokenizer: Any, flattened: bool) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
+def collator(
+    task: str, tokenizer: Any, flattened: bool, pairs: bool = False
+) -> Callable[[Sequence[dict[str, Any]]], dict[str, Any]]:
     """The function that lays out one micro-batch: padded to its longest sequence (never to maxLength), or, when
-    `flattened` (packing), laid end to end in one row with no padding at all."""
+    `flattened` (packing), laid end to end in one row with no padding at all. A micro-batch of preference `pairs`
+    lays out every chosen sequence, then every rejected one, each its own document."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if pairs:
+        return lambda batch: _paired(batch, flatten if flattened else lambda sequences: _padded(sequences, pad_id))
     if task == "masked-lm":
         from transformers import DataCollatorForLanguageModeling
 
@@ -98,6 +103,16 @@ def flatten(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "max_length_q": max(lengths),
         "max_length_k": max(lengths),
     }
+
+
+def _paired(
+    batch: Sequence[dict[str, Any]], lay_out: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]
+) -> dict[str, Any]:
+    laid = lay_out([pair["chosen"] for pair in batch] + [pair["rejected"] for pair in batch])
+    laid["pairs"] = len(batch)
+    if "reference" in batch[0]:
+        laid["reference_logps"] = torch.stack([torch.as_tensor(pair["reference"]) for pair in batch])
+    return laid
 
 
 def _padded(batch: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -150,7 +150,13 @@ def _check_data(config: TrainerConfig, workdir: Path) -> dict:
     )
     sources = fetch_sources(storage, spec.dataset, workdir / "data")
     prepared = prepare_mixture(
-        spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed, spool_directory=workdir / "data"
+        spec.task,
+        spec.dataset,
+        sources,
+        validation_files,
+        spec.hyperparameters.seed,
+        spool_directory=workdir / "data",
+        objective=spec.objective.type,
     )
     report = prepared.report
     return {

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import pyarrow.parquet as pq
 
-from tunery.api.spec import Dataset, Task
+from tunery.api.spec import Dataset, DatasetColumns, ObjectiveType, Task
 from tunery_trainer.redaction import redact
 from tunery_trainer.spool import Examples, Spool
 
@@ -105,10 +105,11 @@ def prepare(
     validation_files: list[Path],
     seed: int,
     spool_directory: Path | None = None,
+    objective: ObjectiveType = "sft",
 ) -> PreparedData:
     """Read, check, clean, dedupe and split one training source; raise DataError for anything that must stop the run."""
     source = SourceFiles(dataset.train or "", 1.0, train_files)
-    return prepare_mixture(task, dataset, [source], validation_files, seed, spool_directory)
+    return prepare_mixture(task, dataset, [source], validation_files, seed, spool_directory, objective)
 
 
 def prepare_mixture(
@@ -118,12 +119,13 @@ def prepare_mixture(
     validation_files: list[Path],
     seed: int,
     spool_directory: Path | None = None,
+    objective: ObjectiveType = "sft",
 ) -> PreparedData:
     """Read, check, clean, dedupe (across the sources) and split each source, then mix the sources by weight.
 
     Each source's validation share is held out before mixing, so no example repeated for its weight can also be
     a validation example. The examples go to a spool file in `spool_directory` (the system's temporary directory
-    by default).
+    by default). Objectives dpo and orpo read preference pairs: a prompt (or messages), chosen and rejected.
     """
     report = DataReport()
     spool = Spool(spool_directory)
@@ -131,10 +133,12 @@ def prepare_mixture(
     parts = []
     for source in sources:
         rows_before = report.rows_read
-        examples, digests = _examples(task, dataset, source.files, report, spool)
+        examples, digests = _examples(task, objective, dataset, source.files, report, spool)
         parts.append(_dedupe(examples, digests, report, seen) if dataset.dedupe else examples)
         report.sources.append({"uri": source.uri, "rowsRead": report.rows_read - rows_before})
-    validation = _examples(task, dataset, validation_files, report, spool)[0] if validation_files else parts[0][:0]
+    validation = (
+        _examples(task, objective, dataset, validation_files, report, spool)[0] if validation_files else parts[0][:0]
+    )
     if not validation and dataset.validation_split > 0:
         held_out = [_split(examples, dataset.validation_split, seed) for examples in parts]
         parts = [kept for kept, _ in held_out]
@@ -179,7 +183,7 @@ def _mixed(parts: list[Examples], weights: list[float], seed: int, report: DataR
 
 
 def _examples(
-    task: Task, dataset: Dataset, files: list[Path], report: DataReport, spool: Spool
+    task: Task, objective: ObjectiveType, dataset: Dataset, files: list[Path], report: DataReport, spool: Spool
 ) -> tuple[Examples, bytes]:
     """The files' usable examples, spooled, with the 16-byte digests of their canonical JSON, end to end."""
     starts, lengths, digests = array("q"), array("q"), bytearray()
@@ -191,7 +195,7 @@ def _examples(
                 if isinstance(row, BadRow):
                     raise row
                 seen_columns.update(row)
-                example = shape(task, dataset, row)
+                example = shape(task, dataset, row, objective)
             except BadRow as bad:
                 report.note(bad.message, f"{path.name} row {row_number}")
                 continue
@@ -296,9 +300,11 @@ def _as_row(value: Any) -> dict[str, Any] | BadRow:
     return BadRow(f"unreadable (expected an object with columns, got {type(value).__name__})")
 
 
-def shape(task: Task, dataset: Dataset, row: dict[str, Any]) -> dict[str, Any]:
+def shape(task: Task, dataset: Dataset, row: dict[str, Any], objective: ObjectiveType = "sft") -> dict[str, Any]:
     """The example in the shape and types the task needs; BadRow when the row does not have them."""
     columns = dataset.columns
+    if objective != "sft":
+        return _pair(row, columns)
     if task == "token-classification":
         tokens, tags = _strings(row, columns.tokens), _tags(row, columns.tags)
         if len(tokens) != len(tags):
@@ -309,7 +315,7 @@ def shape(task: Task, dataset: Dataset, row: dict[str, Any]) -> dict[str, Any]:
             raise BadRow(f"needs columns {columns.text!r} and {columns.label!r}")
         return {"text": _text(row, columns.text), "label": _label(row, columns.text, columns.label)}
     if task == "causal-lm" and columns.messages and row.get(columns.messages) is not None:
-        return _chat(row, columns.messages)
+        return _chat(row[columns.messages], columns.messages)
     if task == "causal-lm" and columns.prompt and columns.completion and columns.prompt in row:
         if columns.completion not in row:
             raise BadRow(f"has {columns.prompt!r} but no {columns.completion!r}")
@@ -322,6 +328,44 @@ def shape(task: Task, dataset: Dataset, row: dict[str, Any]) -> dict[str, Any]:
         else [columns.text]
     )
     raise BadRow(f"has none of the columns {wanted}")
+
+
+def _pair(row: dict[str, Any], columns: DatasetColumns) -> dict[str, Any]:
+    """A preference pair: the prompt (text, or the shared messages) with its chosen and rejected completions."""
+    for column in (columns.chosen, columns.rejected):
+        if row.get(column) is None:
+            raise BadRow(f"a preference pair needs columns {columns.chosen!r} and {columns.rejected!r}: no {column!r}")
+    chosen, rejected = _reply(row, columns.chosen), _reply(row, columns.rejected)
+    for column, reply in ((columns.chosen, chosen), (columns.rejected, rejected)):
+        if not reply:
+            raise BadRow(f"column {column!r} is empty: a pair needs two completions")
+    if chosen == rejected:
+        raise BadRow(f"columns {columns.chosen!r} and {columns.rejected!r} are identical: the pair prefers nothing")
+    prompt = row.get(columns.prompt) if columns.prompt else None
+    # TRL's conversational pairs keep the shared turns under prompt; Tunery's chat data under messages.
+    column = columns.prompt if isinstance(prompt, list) else columns.messages
+    messages = row.get(column) if column else None
+    if messages is not None:
+        turns = _chat(messages, column, learns=False)["messages"]
+        if not turns or turns[-1]["role"] == "assistant":
+            raise BadRow("the shared messages must end with a user or system turn: chosen and rejected are the reply")
+        return {"messages": turns, "chosen": chosen, "rejected": rejected}
+    if prompt is None:
+        raise BadRow(f"a preference pair needs a prompt: column {columns.prompt!r} or {columns.messages!r}")
+    return {"prompt": _text(row, columns.prompt), "chosen": chosen, "rejected": rejected}
+
+
+def _reply(row: dict[str, Any], column: str) -> str:
+    """A completion: text, or the assistant's turn (alone, or as a one-turn list, as TRL's conversational pairs)."""
+    value = row[column]
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        turn = _turn(value, column)
+        if turn["role"] != "assistant":
+            raise BadRow(f"column {column!r} holds a {turn['role']} turn, expected the assistant's reply")
+        return turn["content"]
+    return _clean(value, f"column {column!r}", "text or an assistant turn")
 
 
 def _text(row: dict[str, Any], column: str) -> str:
@@ -362,13 +406,12 @@ def _class_name(value: Any, where: str) -> str:
     return _clean(value, where, "text or an integer")
 
 
-def _chat(row: dict[str, Any], column: str) -> dict[str, Any]:
-    """A conversation of {role, content} turns with at least one assistant turn to learn from."""
-    messages = row[column]
+def _chat(messages: Any, column: str, learns: bool = True) -> dict[str, Any]:
+    """Column `column`'s conversation of {role, content} turns, with an assistant turn to learn from if it `learns`."""
     if not isinstance(messages, list):
         raise BadRow(f"column {column!r} holds {_kind(messages)}, expected a list of {{role, content}} messages")
     turns = [_turn(message, column) for message in messages]
-    if not any(turn["role"] == "assistant" and turn["content"] for turn in turns):
+    if learns and not any(turn["role"] == "assistant" and turn["content"] for turn in turns):
         raise BadRow("a conversation without an assistant turn has nothing to learn")
     return {"messages": turns}
 

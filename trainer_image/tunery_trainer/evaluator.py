@@ -9,6 +9,7 @@ import torch
 from tunery.api.spec import EvalMetric, Task
 from tunery_trainer.batching import to_device
 from tunery_trainer.evaluation import classification_metrics, entity_metrics
+from tunery_trainer.preference import PreferenceOutput, report_metrics
 from tunery_trainer.tokenization import IGNORE_INDEX
 
 Batch = dict[str, Any]
@@ -31,7 +32,9 @@ def evaluate(
     """Loss (token-weighted), always, and those of `metrics` that the task has (spec validation refuses the others).
 
     Loss is never left out: the forward pass yields it for free, and the loss curve, status.checkpoints' evalLoss
-    and the other metrics' meaning (perplexity is exp(loss)) all rest on it.
+    and the other metrics' meaning (perplexity is exp(loss)) all rest on it. Preference pairs (a model that gives
+    PreferenceOutput) are weighted per pair, and always report the reward accuracy and margin and both sides'
+    log-probabilities.
     """
     wanted = {"loss", *metrics}
     predicts = bool(wanted & PREDICTION_METRICS) and task in ("sequence-classification", "token-classification")
@@ -44,12 +47,16 @@ def evaluate(
     total_loss, total_weight = torch.zeros((), device=device), 0
     predictions: list[Any] = []
     references: list[Any] = []
+    preference_sums: torch.Tensor | None = None
     for start in range(0, len(validation), batch_size):
         batch = collate(validation[start : start + batch_size])
-        weight = _loss_weight(task, batch["labels"])
+        weight = batch["pairs"] if "pairs" in batch else _loss_weight(task, batch["labels"])
         batch = to_device(batch, device)
         with autocast():
             output = model(**batch)
+        if isinstance(output, PreferenceOutput):
+            summed = output.metrics.float() * weight
+            preference_sums = summed if preference_sums is None else preference_sums + summed
         total_loss += output.loss.detach().float() * weight
         total_weight += weight
         if predicts and task == "sequence-classification":
@@ -61,6 +68,8 @@ def evaluate(
     model.train(was_training)
     loss = float(total_loss) / max(total_weight, 1)
     scores = {"loss": loss}
+    if preference_sums is not None:
+        return scores | report_metrics(preference_sums / max(total_weight, 1), "")
     if task in ("causal-lm", "masked-lm"):
         scores["perplexity"] = math.exp(min(loss, 50.0))
     elif predicts and task == "sequence-classification":

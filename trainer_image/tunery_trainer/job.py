@@ -23,6 +23,7 @@ from tunery_trainer.modeling import load_model, load_tokenizer, restore_weights
 from tunery_trainer.progress import ProgressReporter
 from tunery_trainer.publishing import publish_model
 from tunery_trainer.reporting import Reporter
+from tunery_trainer.sequences import Pairs
 from tunery_trainer.storage import S3Settings, Storage, download_from_hub, fetch_sources
 from tunery_trainer.tokenization import TokenizedData, tokenize
 from tunery_trainer.training import Distributed, Hooks, is_sharded, train
@@ -66,9 +67,10 @@ def run(
     distributed = start_distributed()
     layout = _layout(spec, distributed)
     logger.info(
-        "training on %d process(es), %s: a step is %d examples; micro-batches %s; attention %s",
+        "training on %d process(es), %s: objective %s; a step is %d examples; micro-batches %s; attention %s",
         distributed.world_size,
         distributed.device,
+        layout["objective"],
         layout["examplesPerStep"],
         layout["layout"],
         layout["attention"],
@@ -77,7 +79,7 @@ def run(
     fetch_started = time.perf_counter()
     prepared = _fetch_and_prepare(config, storage, workdir)
     model_dir, tokenizer_dir = _fetch_model(spec, storage, workdir)
-    tokenizer = load_tokenizer(spec, model_dir, tokenizer_dir, _texts(prepared))
+    tokenizer = load_tokenizer(spec, model_dir, tokenizer_dir, lambda: _texts(prepared))
     tokenized = _tokenized(spec, tokenizer, prepared)
     data_stats = _data_stats(prepared, tokenized) | layout
     # Tokenised, the examples are held flat; their spool's disk goes back before the model is loaded.
@@ -86,9 +88,10 @@ def run(
         metrics.observe_data_loading(time.perf_counter() - fetch_started)
         metrics.add_s3_bytes("download", storage.bytes_downloaded)
     logger.info(
-        "data: %d training and %d validation sequences from %d rows (%d duplicates, %d empty, %d bad, %d truncated)",
+        "data: %d training and %d validation %s from %d rows (%d duplicates, %d empty, %d bad, %d truncated)",
         len(tokenized.train),
         len(tokenized.validation),
+        "preference pairs" if isinstance(tokenized.train, Pairs) else "sequences",
         prepared.report.rows_read,
         prepared.report.duplicates,
         prepared.report.empty_rows,
@@ -174,7 +177,13 @@ def _fetch_and_prepare(config: TrainerConfig, storage: Storage, workdir: Path) -
     )
     sources = fetch_sources(storage, spec.dataset, rank_dir)
     return prepare_mixture(
-        spec.task, spec.dataset, sources, validation_files, spec.hyperparameters.seed, spool_directory=rank_dir
+        spec.task,
+        spec.dataset,
+        sources,
+        validation_files,
+        spec.hyperparameters.seed,
+        spool_directory=rank_dir,
+        objective=spec.objective.type,
     )
 
 
@@ -234,6 +243,9 @@ def _layout(spec: FineTuneJobSpec, distributed: Distributed) -> dict[str, Any]:
     """What one optimiser step is and how its examples are laid out: the first log line and the model card say it."""
     settings = spec.hyperparameters
     return {
+        "objective": spec.objective.type
+        if spec.objective.type == "sft"
+        else f"{spec.objective.type} (beta {spec.objective.effective_beta:g}; a step's examples are preference pairs)",
         "examplesPerStep": settings.batch_size * settings.gradient_accumulation_steps * distributed.world_size,
         "layout": "flattened into one row, no padding" if flattens(spec) else "padded to their longest example",
         "attention": attention_kernel(spec, distributed.device),
@@ -257,7 +269,11 @@ def _data_stats(prepared: PreparedData, tokenized: TokenizedData) -> dict[str, A
         "rowsRead": report.rows_read,
         "trainExamples": len(prepared.train),
         "validationExamples": len(prepared.validation),
-        "trainSequences": len(tokenized.train),
+        **(
+            {"trainPairs": len(tokenized.train), "trainSequences": len(tokenized.train.sequences)}
+            if isinstance(tokenized.train, Pairs)
+            else {"trainSequences": len(tokenized.train)}
+        ),
         "trainTokens": tokenized.train.tokens,
         "duplicatesDropped": report.duplicates,
         "emptyRowsDropped": report.empty_rows,

@@ -1,6 +1,6 @@
 """Load or build the tokenizer and model for the task, and make trainable exactly what the method trains."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,11 @@ MERGEABLE_METHODS = ("lora", "qlora", "ia3")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path | None, tokenizer_dir: Path | None, texts: Sequence[str]):
-    """The base model's tokenizer, an override, or a byte-level BPE trained on the training texts."""
+def load_tokenizer(
+    spec: FineTuneJobSpec, model_dir: Path | None, tokenizer_dir: Path | None, texts: Callable[[], Sequence[str]]
+):
+    """The base model's tokenizer, an override, or a byte-level BPE trained on the training `texts()` (read only then:
+    the examples live on disk)."""
     from transformers import AutoTokenizer
 
     source = tokenizer_dir or model_dir
@@ -25,7 +28,7 @@ def load_tokenizer(spec: FineTuneJobSpec, model_dir: Path | None, tokenizer_dir:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.base_model.trust_remote_code)
     else:
         vocab_size = spec.base_model.tokenizer.train_vocab_size if spec.base_model.tokenizer else None
-        tokenizer = train_tokenizer(texts, vocab_size or 8000, with_mask=spec.task == "masked-lm")
+        tokenizer = train_tokenizer(texts(), vocab_size or 8000, with_mask=spec.task == "masked-lm")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if spec.task == "causal-lm" and tokenizer.chat_template is None:

@@ -5,7 +5,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
+from tunery.api.spec import Objective
 from tunery_trainer.loss import CHUNK_LOGITS_BYTES
 from tunery_trainer.tokenization import IGNORE_INDEX
 
@@ -159,3 +161,52 @@ def report_metrics(values: torch.Tensor, prefix: str) -> dict[str, float]:
     """`preference_metrics` values as floats named like status metrics (prefix "eval": evalRewardAccuracy, ...),
     read from the device in one transfer."""
     return {f"{prefix}{name}": value for name, value in zip(PREFERENCE_METRICS, values.tolist(), strict=True)}
+
+
+@dataclass
+class PreferenceOutput(ModelOutput):
+    """A preference micro-batch's loss, its `preference_metrics` (on the device) and how many pairs it held."""
+
+    loss: torch.Tensor | None = None
+    metrics: torch.Tensor | None = None
+    pairs: int | None = None
+
+
+class PreferenceModel(torch.nn.Module):
+    """A causal LM scored on preference pairs (as `batching.collator` lays them out, chosen then rejected) with the
+    objective's loss. DPO's reference log-probabilities come with the batch (`reference_logps`, computed once with
+    `pair_logps` before training), so no reference model is held."""
+
+    def __init__(self, model: Any, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def pair_logps(
+        self, labels: torch.Tensor, pairs: int, **inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The chosen and rejected sequences' summed completion log-probabilities, and their token counts."""
+        inputs.pop("reference_logps", None)
+        logits = self.model(**inputs, use_cache=False).logits
+        logps, counts = sequence_logps(logits, labels, inputs.get("cu_seq_lens_q"))
+        return logps[:pairs], logps[pairs:], counts[:pairs], counts[pairs:]
+
+    def forward(
+        self, labels: torch.Tensor, pairs: int, reference_logps: torch.Tensor | None = None, **inputs: Any
+    ) -> PreferenceOutput:
+        chosen, rejected, chosen_counts, rejected_counts = self.pair_logps(labels, pairs, **inputs)
+        beta = self.objective.effective_beta
+        if self.objective.type == "dpo":
+            if reference_logps is None:
+                raise ValueError("objective dpo scores a batch against its reference_logps, and this one has none")
+            reference = reference_logps.to(chosen.dtype)
+            result = dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], beta)
+            metrics = preference_metrics(result.chosen_rewards, result.rejected_rewards, chosen, rejected)
+        else:
+            # The paper's SFT term: the chosen completions' NLL given their prompts, one mean over their tokens.
+            chosen_mean = chosen / chosen_counts.clamp(min=1)
+            rejected_mean = rejected / rejected_counts.clamp(min=1)
+            chosen_nll = -chosen.sum() / chosen_counts.sum().clamp(min=1)
+            result = orpo_loss(chosen_nll, chosen_mean, rejected_mean, beta)
+            metrics = preference_metrics(result.chosen_rewards, result.rejected_rewards, chosen_mean, rejected_mean)
+        return PreferenceOutput(loss=result.loss, metrics=metrics, pairs=pairs)

@@ -81,3 +81,38 @@ class Sequences(Sequence):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
+
+
+class Pairs(Sequence):
+    """Preference pairs over Sequences that hold each pair's chosen sequence and then its rejected one, read back as
+    {chosen, rejected} dicts, with `reference`: both sequences' log-probabilities under the base model, once known."""
+
+    def __init__(self, sequences: Sequences, reference: Any = None) -> None:
+        self.sequences = sequences
+        self.reference = reference
+
+    def with_reference(self, reference: Any) -> "Pairs":
+        """The same pairs with the base model's log-probabilities, one (chosen, rejected) row per pair."""
+        if len(reference) != len(self):
+            raise ValueError(f"{len(reference)} reference rows for {len(self)} pairs")
+        return Pairs(self.sequences, reference)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens over both sides of every pair."""
+        return self.sequences.tokens
+
+    def __len__(self) -> int:
+        return len(self.sequences) // 2
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        item = {"chosen": self.sequences[2 * index], "rejected": self.sequences[2 * index + 1]}
+        if self.reference is not None:
+            item["reference"] = self.reference[index]
+        return item

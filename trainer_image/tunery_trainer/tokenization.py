@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunery.api.spec import Task
-from tunery_trainer.sequences import IGNORE_INDEX, LEARNED, Sequences
+from tunery_trainer.sequences import IGNORE_INDEX, LEARNED, Pairs, Sequences
 
 __all__ = ["IGNORE_INDEX", "TokenizedData", "tokenize"]
 # No tokenizer puts more characters than this in one token (typically 3 to 5), so text cut at maxLength times this
@@ -27,10 +27,11 @@ DEFAULT_CHAT_TEMPLATE = (
 
 @dataclass
 class TokenizedData:
-    """Training and validation sequences, stored flat, with how many examples truncation cut."""
+    """Training and validation sequences (or preference pairs of them), stored flat, with how many examples
+    truncation cut."""
 
-    train: Sequences
-    validation: Sequences
+    train: Sequences | Pairs
+    validation: Sequences | Pairs
     truncated: int = 0
 
 
@@ -46,7 +47,8 @@ def tokenize(
     """Token ids without padding; labels carry IGNORE_INDEX wherever no loss is wanted.
 
     Examples go in chunks, each tokenised with batched tokenizer calls; with more than one chunk and more than one
-    process, `processes` forked workers take the chunks, and the results keep the examples' order.
+    process, `processes` forked workers take the chunks, and the results keep the examples' order. Preference pairs
+    (examples with chosen and rejected) become Pairs, each pair kept only if both its sequences are.
     """
     work = _Chunk(
         task, tokenizer, max_length, {name: index for index, name in enumerate(label_names)}, tokenizer.eos_token_id
@@ -57,6 +59,8 @@ def tokenize(
         for sequences, truncated in _mapped(work, chunks, processes):
             target.extend(sequences)
             result.truncated += truncated
+    if train and "chosen" in train[0]:
+        return TokenizedData(Pairs(result.train), Pairs(result.validation), result.truncated)
     return result
 
 
@@ -71,17 +75,33 @@ class _Chunk:
     eos_id: int | None
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> tuple[Sequences, int]:
+        sequences, truncated = Sequences(), 0
+        if examples and "chosen" in examples[0]:
+            # A pair's chosen and rejected sequence, one after the other; both, or neither when either is lost.
+            sides = self._tokenized([side for pair in examples for side in _sides(pair)])
+            for chosen, rejected in zip(sides[::2], sides[1::2], strict=True):
+                truncated += chosen[1] or rejected[1]
+                if chosen[0] is not None and rejected[0] is not None:
+                    sequences.append(chosen[0])
+                    sequences.append(rejected[0])
+            return sequences, truncated
+        for sequence, cut in self._tokenized(examples):
+            truncated += cut
+            if sequence is not None:
+                sequences.append(sequence)
+        return sequences, truncated
+
+    def _tokenized(self, examples: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any] | None, bool]]:
+        """Each example's sequence (None when nothing is left to learn), and whether it was truncated."""
         cuts = [_too_long(example, self.max_length) for example in examples]
         bounded = [
             _bounded(example, self.max_length) if cut else example for example, cut in zip(examples, cuts, strict=True)
         ]
-        sequences, truncated = Sequences(), 0
+        results = []
         for example, cut, encoded in zip(bounded, cuts, self._encoded(bounded), strict=True):
             sequence, cut_here = _tokenize_one(self, example, encoded)
-            truncated += bool(cut_here or cut)
-            if sequence is not None:
-                sequences.append(sequence)
-        return sequences, truncated
+            results.append((sequence, bool(cut_here or cut)))
+        return results
 
     def _encoded(self, examples: list[dict[str, Any]]) -> list[Any]:
         """The tokenizer's output for each example, from one batched call per field (chats render one by one)."""
@@ -139,6 +159,20 @@ def _run_installed(examples: Sequence[dict[str, Any]]) -> tuple[Sequences, int]:
     return _installed(examples)
 
 
+def _sides(pair: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preference pair as two examples to tokenise: the prompt (or messages) with each completion, learning only
+    the completion (the messages' own assistant turns are context)."""
+    if "messages" in pair:
+        return tuple(
+            {
+                "messages": [*pair["messages"], {"role": "assistant", "content": pair[side]}],
+                "learned_from": len(pair["messages"]),
+            }
+            for side in ("chosen", "rejected")
+        )
+    return tuple({"prompt": pair["prompt"], "completion": pair[side]} for side in ("chosen", "rejected"))
+
+
 def _too_long(example: dict[str, Any], max_length: int) -> bool:
     """Whether the example holds more than max_length tokens can (so _bounded cuts it)."""
     chars = max_length * CHARS_PER_TOKEN
@@ -192,7 +226,7 @@ def _tokenize_one(work: _Chunk, example: dict[str, Any], encoded: Any) -> tuple[
     if task == "masked-lm":
         return {"input_ids": encoded[:max_length]}, len(encoded) > max_length
     if "messages" in example:
-        ids, learned = _chat(work.tokenizer, example["messages"])
+        ids, learned = _chat(work.tokenizer, example["messages"], example.get("learned_from", 0))
     elif "prompt" in example:
         prompt_ids, completion_ids = encoded
         ids = prompt_ids + _with_eos(completion_ids, work.eos_id)
@@ -215,12 +249,13 @@ def _with_eos(ids: list[int], eos: int | None) -> list[int]:
     return ids
 
 
-def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], bytes]:
-    """Render with the chat template; only the characters each assistant turn adds carry a loss."""
+def _chat(tokenizer: Any, messages: list[dict[str, str]], learned_from: int = 0) -> tuple[list[int], bytes]:
+    """Render with the chat template; only the characters each assistant turn from `learned_from` on adds carry a
+    loss."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for index, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or index < learned_from:
             continue
         before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -26,6 +26,8 @@ from tunery_trainer.modeling import (
     restore_weights,
     trainable_parameters,
 )
+from tunery_trainer.preference import PreferenceModel
+from tunery_trainer.sequences import Pairs
 from tunery_trainer.tokenization import TokenizedData
 
 logger = logging.getLogger(__name__)
@@ -125,7 +127,8 @@ def train(
         settings.seed,
     )
     total_steps = schedule.total_steps(settings.epochs, settings.max_steps)
-    collate = collator(spec.task, tokenizer, flattens(spec))
+    preference = spec.objective.type != "sft"
+    collate = collator(spec.task, tokenizer, flattens(spec), pairs=preference)
     autocast_dtype = precision_dtype(settings.precision, device)
     sharded = is_sharded(spec, distributed)
     if sharded and autocast_dtype == torch.float16:
@@ -157,6 +160,24 @@ def train(
         num_training_steps=total_steps,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    if spec.objective.type == "dpo":
+        # The base model's log-probabilities, before a checkpoint's weights replace it: a resumed run's are the same.
+        started = time.perf_counter()
+        reference = PreferenceModel(model, spec.objective)
+        data = replace(
+            data,
+            **{
+                split: _with_reference(
+                    reference, pairs, collate, settings.batch_size, device, autocast, distributed, sharded
+                )
+                for split, pairs in (("train", data.train), ("validation", data.validation))
+            },
+        )
+        logger.info(
+            "scored %d pairs with the reference model in %.1f s",
+            len(data.train) + len(data.validation),
+            time.perf_counter() - started,
+        )
     if resume is not None:
         weights, training_state = resume
         if sharded:
@@ -167,7 +188,10 @@ def train(
         scheduler.load_state_dict(training_state["scheduler"])
         scaler.load_state_dict(training_state["scaler"])
     # The module whose forward pass gives the loss: FSDP gathers the head's weights only inside the model's own.
-    scored = model if sharded or not chunks_the_loss(spec, model) else ChunkedLoss(model)
+    if preference:
+        scored = PreferenceModel(model, spec.objective)
+    else:
+        scored = model if sharded or not chunks_the_loss(spec, model) else ChunkedLoss(model)
     trained = scored
     if distributed.world_size > 1 and not sharded:
         trained = torch.nn.parallel.DistributedDataParallel(
@@ -299,9 +323,38 @@ def _real_tokens(batch: dict[str, Any]) -> int:
 
 
 def _examples(batch: dict[str, Any]) -> int:
+    if "pairs" in batch:
+        return batch["pairs"]
     if "cu_seq_lens_q" in batch:
         return len(batch["cu_seq_lens_q"]) - 1
     return int(batch["input_ids"].shape[0])
+
+
+@torch.no_grad()
+def _with_reference(
+    reference: PreferenceModel,
+    pairs: Pairs,
+    collate: Callable,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    distributed: Distributed,
+    sharded: bool,
+) -> Pairs:
+    """The pairs with both sequences' log-probabilities under `reference`, in eval mode. Each rank scores its share
+    of the batches and one collective gathers them; a sharded model's forward pass is itself a collective, so then
+    every rank scores every batch."""
+    was_training = reference.training
+    reference.eval()
+    logps = torch.zeros(len(pairs), 2, device=device)
+    starts = range(0, len(pairs), batch_size)
+    for start in starts if sharded else starts[distributed.rank :: distributed.world_size]:
+        batch = to_device(collate(pairs[start : start + batch_size]), device)
+        with autocast():
+            chosen, rejected, _, _ = reference.pair_logps(**batch)
+        logps[start : start + batch["pairs"]] = torch.stack([chosen, rejected], dim=1).float()
+    reference.train(was_training)
+    return pairs.with_reference((logps if sharded else distributed.sum(logps)).cpu())
 
 
 def _local(norm: torch.Tensor) -> torch.Tensor:

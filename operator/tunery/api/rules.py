@@ -131,6 +131,36 @@ SPEC_RULES: tuple[Rule, ...] = (
         "perplexity is a language-modelling metric: use loss, accuracy, precision, recall or f1 for classification",
     ),
     Rule(
+        "self.objective.type == 'sft' || self.task == 'causal-lm'",
+        ".objective.type",
+        "objectives dpo and orpo tune a causal language model on preference pairs: set task causal-lm, or objective.type sft",
+    ),
+    Rule(
+        "self.objective.type == 'sft' || has(self.baseModel.uri)",
+        ".objective.type",
+        "preference tuning starts from a trained model: set baseModel.uri, or objective.type sft to pretrain from scratch",
+    ),
+    Rule(
+        "self.objective.type == 'sft' || !(self.method.type in ['prompt-tuning', 'prefix-tuning'])",
+        ".method.type",
+        "objectives dpo and orpo score each completion token by token, which virtual tokens shift: use method.type lora, qlora, ia3, bitfit or full",
+    ),
+    Rule(
+        "self.objective.type == 'sft' || (self.dataset.columns.chosen != '' && self.dataset.columns.rejected != '')",
+        ".dataset.columns",
+        "objectives dpo and orpo need a chosen and a rejected column: set dataset.columns.chosen and dataset.columns.rejected",
+    ),
+    Rule(
+        "self.objective.type == 'sft' || !self.evaluation.metrics.exists(m, m == 'perplexity')",
+        ".evaluation.metrics",
+        "perplexity is exp(loss) of a language-modelling loss, not of a preference loss: use loss (the reward accuracy and margin are always reported)",
+    ),
+    Rule(
+        "!has(self.objective.beta) || self.objective.type != 'sft'",
+        ".objective.beta",
+        "objective.beta applies only to objective.type dpo or orpo: remove it or change the type",
+    ),
+    Rule(
         "!self.serving.enabled || self.serving.runtime != 'vllm' || self.task == 'causal-lm'",
         ".serving.runtime",
         "vllm serves causal-lm models only: use serving.runtime builtin for this task",

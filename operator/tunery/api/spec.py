@@ -26,6 +26,7 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 EvalMetric = Literal["loss", "perplexity", "accuracy", "precision", "recall", "f1"]
 Addressing = Literal["auto", "path", "virtual"]
 ServingRuntime = Literal["builtin", "vllm"]
+ObjectiveType = Literal["sft", "dpo", "orpo"]
 
 
 class TokenizerSource(ApiModel):
@@ -69,6 +70,10 @@ class DatasetColumns(ApiModel):
     """The list of words, for token classification."""
     tags: str = Field("tags", max_length=256)
     """The list of per-word tags, for token classification."""
+    chosen: str = Field("chosen", max_length=256)
+    """The preferred completion of a preference pair (objective dpo or orpo): a string, or an assistant turn."""
+    rejected: str = Field("rejected", max_length=256)
+    """The dispreferred completion of a preference pair, to the same prompt (or messages) as chosen."""
 
 
 class DatasetSource(ApiModel):
@@ -152,6 +157,23 @@ class Method(ApiModel):
     """Quantisation settings; only with type qlora (defaults apply when absent)."""
     prompt_tuning: PromptTuningSettings | None = None
     """Virtual-token settings; only with type prompt-tuning or prefix-tuning (defaults apply when absent)."""
+
+
+class Objective(ApiModel):
+    """What the loss rewards: imitating the data, or preferring one completion of a pair to the other."""
+
+    type: ObjectiveType = "sft"
+    """sft learns the text or completions; dpo and orpo learn from pairs of a chosen and a rejected completion to one
+    prompt: dpo against the base model's own log-probabilities (computed once, before training, so no second copy of
+    the model is held), orpo with an odds-ratio penalty added to the chosen completions' loss and no reference."""
+    beta: float | None = Field(None, gt=0, le=100)
+    """dpo: the strength of the pull towards the base model (default 0.1; lower lets the preferences move the model
+    further); orpo: the weight of the odds-ratio term (default 0.1). Only with type dpo or orpo."""
+
+    @property
+    def effective_beta(self) -> float:
+        """beta, or its default of 0.1."""
+        return 0.1 if self.beta is None else self.beta
 
 
 class Hyperparameters(ApiModel):
@@ -319,6 +341,8 @@ class FineTuneJobSpec(ApiModel):
     """The training data."""
     method: Method = Field(default_factory=Method)
     """The fine-tuning method."""
+    objective: Objective = Field(default_factory=Objective)
+    """The training objective: supervised fine-tuning (sft), or preference tuning (dpo, orpo) with any method."""
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     """Optimisation settings."""
     evaluation: Evaluation = Field(default_factory=Evaluation)

@@ -37,6 +37,9 @@ _ADDED_SINCE_FIRST_RELEASE = {
     ("storage", "retry_timeout_seconds"): contract.STORAGE_RETRY_SECONDS,
     ("hyperparameters", "compile"): False,
     ("dataset", "mixture"): None,
+    ("dataset", "columns", "chosen"): "chosen",
+    ("dataset", "columns", "rejected"): "rejected",
+    ("objective",): {"type": "sft", "beta": None},
 }
 # Nested fields that do not change what is trained: whose checkpoints a run may adopt must not move the run to a
 # new revision, whose empty checkpoint prefix would hold none of them.
@@ -73,9 +76,13 @@ def _digest(spec: FineTuneJobSpec, not_training: set[str]) -> bytes:
 
 def _without_added_defaults(fields: dict) -> dict:
     """The dumped spec (sections of it) without the fields added since the first release that hold their old value."""
-    for (section, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
-        if section in fields and fields[section][name] == unchanged:
-            del fields[section][name]
+    for (*parents, name), unchanged in _ADDED_SINCE_FIRST_RELEASE.items():
+        holder = fields
+        for key in parents:
+            # A section left out of the dump, or an optional block that is absent (None), holds nothing to drop.
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and name in holder and holder[name] == unchanged:
+            del holder[name]
     return fields
 
 
