@@ -42,21 +42,33 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return decoder(root / "base"), write_jsonl(root / "pairs.jsonl", pairs(400, seed=1))
 
 
+@pytest.fixture(scope="module")
+def tokenizer(inputs: tuple[Path, Path]) -> Any:
+    """The base model's tokenizer as a causal-LM run loads it (with the default chat template)."""
+    base, _ = inputs
+    return load_tokenizer(trainer_config(base, Path("/unused.jsonl"), Path("/unused")).spec, base, None, list)
+
+
+def trainer_config(base: Path, data: Path, out: Path, **spec: Any) -> Any:
+    return local_config(
+        {
+            "apiVersion": "tunery.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "pairs"},
+            "spec": {
+                "baseModel": {"uri": f"file://{base}/"},
+                "dataset": {"train": f"file://{data}", "maxLength": 32, "validationSplit": 0.15},
+                "output": {"uri": f"file://{out}/out/"},
+                "resources": {"gpus": 0},
+                "checkpoints": {"everySteps": 0, "keep": 1},
+                **spec,
+            },
+        }
+    )
+
+
 def train(tmp_path: Path, base: Path, data: Path, **spec: Any) -> tuple[Path, dict[str, Any]]:
-    manifest = {
-        "apiVersion": "tunery.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "pairs"},
-        "spec": {
-            "baseModel": {"uri": f"file://{base}/"},
-            "dataset": {"train": f"file://{data}", "maxLength": 32, "validationSplit": 0.15},
-            "output": {"uri": f"file://{tmp_path}/out/"},
-            "resources": {"gpus": 0},
-            "checkpoints": {"everySteps": 0, "keep": 1},
-            **spec,
-        },
-    }
-    config = local_config(manifest)
+    config = trainer_config(base, data, tmp_path, **spec)
     run(config, tmp_path / "work")
     published = Path(config.output_uri.removeprefix("file://"))
     return published, json.loads((published / "metrics.json").read_text())
@@ -129,23 +141,10 @@ def test_orpo_learns_the_completions_and_the_preference_without_a_reference(
     assert "objective orpo (beta 0.1" in caplog.text
 
 
-def test_packed_pairs_score_as_padded_pairs(inputs: tuple[Path, Path]) -> None:
+def test_packed_pairs_score_as_padded_pairs(inputs: tuple[Path, Path], tokenizer: Any) -> None:
     base, _ = inputs
     import transformers
 
-    spec = local_config(
-        {
-            "apiVersion": "tunery.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "pack"},
-            "spec": {
-                "baseModel": {"uri": f"file://{base}/"},
-                "dataset": {"train": "file:///d.jsonl"},
-                "output": {"uri": "file:///o/"},
-            },
-        }
-    ).spec
-    tokenizer = load_tokenizer(spec, base, None, list)
     examples = pairs(6, seed=5)
     tokenized = tokenize("causal-lm", tokenizer, examples, [], 32, [])
     model = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
@@ -168,21 +167,7 @@ def test_packed_pairs_score_as_padded_pairs(inputs: tuple[Path, Path]) -> None:
     assert packed["pairs"] == padded["pairs"] == len(examples)
 
 
-def test_a_pair_learns_only_its_completion_and_a_chat_pair_only_the_reply(inputs: tuple[Path, Path]) -> None:
-    base, _ = inputs
-    spec = local_config(
-        {
-            "apiVersion": "tunery.dev/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "sides"},
-            "spec": {
-                "baseModel": {"uri": f"file://{base}/"},
-                "dataset": {"train": "file:///d.jsonl"},
-                "output": {"uri": "file:///o/"},
-            },
-        }
-    ).spec
-    tokenizer = load_tokenizer(spec, base, None, list)
+def test_a_pair_learns_only_its_completion_and_a_chat_pair_only_the_reply(tokenizer: Any) -> None:
     chat = {
         "messages": [
             {"role": "user", "content": "sky ?"},

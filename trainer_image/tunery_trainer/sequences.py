@@ -58,10 +58,7 @@ class Sequences(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[position] for position in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = _position(index, len(self))
         end = self._ends[index]
         start = self._ends[index - 1] if index > 0 else 0
         ids = self._ids[start:end].tolist()
@@ -108,11 +105,16 @@ class Pairs(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[position] for position in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = _position(index, len(self))
         item = {"chosen": self.sequences[2 * index], "rejected": self.sequences[2 * index + 1]}
         if self.reference is not None:
             item["reference"] = self.reference[index]
         return item
+
+
+def _position(index: int, length: int) -> int:
+    """A list index (negative from the end) as a position in range(length), or IndexError."""
+    position = index + length if index < 0 else index
+    if not 0 <= position < length:
+        raise IndexError(index)
+    return position
