@@ -177,6 +177,11 @@ def test_a_field_added_since_the_first_release_keeps_old_revisions_at_its_defaul
     assert spec.resources.strategy == "ddp" and naming.revision(spec, running="cd266867") == "cd266867"
     sharded = spec.model_copy(update={"resources": spec.resources.model_copy(update={"strategy": "fsdp"})})
     assert naming.revision(sharded) != naming.revision(spec)
+    # Nested and top-level additions too (objective, dataset.columns.chosen, method.lora.useDora), once set.
+    dpo = spec.model_copy(update={"objective": spec.objective.model_copy(update={"type": "dpo"})})
+    lora = spec.method.lora.model_copy(update={"use_dora": True})
+    dora = spec.model_copy(update={"method": spec.method.model_copy(update={"lora": lora})})
+    assert len({naming.revision(spec), naming.revision(dpo), naming.revision(dora)}) == 3
 
 
 def test_storage_settings_keep_the_revision_but_not_a_legacy_one() -> None:

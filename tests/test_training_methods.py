@@ -237,6 +237,43 @@ def test_lora_changes_only_adapter_weights(tmp_path: Path, bases: dict[str, Path
     assert all(name.endswith("proj.weight") for name in changed), changed
 
 
+@pytest.mark.parametrize("variant", ["useDora", "useRslora"])
+def test_dora_and_rslora_train_only_their_adapter(
+    tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path], variant: str
+) -> None:
+    _, published = train_case(
+        tmp_path,
+        {
+            "baseModel": {"uri": f"file://{bases['llama']}/"},
+            "dataset": {"train": f"file://{datasets['chat']}", "maxLength": 128},
+            "method": {"type": "lora", "lora": {"rank": 4, "alpha": 8, variant: True}},
+            "hyperparameters": {"maxSteps": 6, "batchSize": 8, "learningRate": 1e-2},
+        },
+    )
+    adapter_config = json.loads((published / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter_config["use_dora"] is (variant == "useDora")
+    assert adapter_config["use_rslora"] is (variant == "useRslora")
+    adapter = load_file(published / ADAPTER_DIR / "adapter_model.safetensors")
+    # DoRA adds a trained magnitude vector per adapted layer; rsLoRA only rescales.
+    assert any("lora_magnitude_vector" in name for name in adapter) is (variant == "useDora")
+    assert all("lora_" in name for name in adapter)
+    base = load_file(bases["llama"] / "model.safetensors")
+    merged = load_file(published / MODEL_DIR / "model.safetensors")
+    changed = {name for name in base if not torch.equal(base[name], merged[name])}
+    assert changed and all(name.endswith("proj.weight") for name in changed), changed
+    import peft
+    import transformers
+
+    loaded = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(bases["llama"]), published / ADAPTER_DIR
+    )
+    scalings = {
+        module.scaling["default"] for module in loaded.modules() if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    # alpha 8, rank 4: rsLoRA scales by 8 / sqrt(4), plain LoRA (and DoRA) by 8 / 4.
+    assert scalings == {4.0 if variant == "useRslora" else 2.0}
+
+
 def test_bitfit_changes_only_biases(tmp_path: Path, bases: dict[str, Path], datasets: dict[str, Path]) -> None:
     _, published = train_case(
         tmp_path,

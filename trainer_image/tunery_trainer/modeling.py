@@ -185,6 +185,8 @@ def apply_method(spec: FineTuneJobSpec, model, tokenizer_path: Path):
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
             # PEFT trains a classifier's head in full (modules_to_save); an adapter on it as well is refused.
             exclude_modules=[prefix.rstrip(".") for prefix in _head_prefixes(model)] or None,
             task_type=task_type,

@@ -124,6 +124,12 @@ class LoraSettings(ApiModel):
     """Dropout on the adapter input."""
     target_modules: TargetModules = "all-linear"
     """Modules to adapt: all-linear, or a list of module names (for example [q_proj, v_proj])."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trained magnitude per output feature on top of the low-rank direction update;
+    closer to full fine-tuning at low ranks, somewhat slower per step."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the adapter output by alpha / sqrt(rank) instead of alpha / rank, so higher ranks
+    keep learning."""
 
 
 class QloraSettings(ApiModel):

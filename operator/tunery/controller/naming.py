@@ -40,6 +40,8 @@ _ADDED_SINCE_FIRST_RELEASE = {
     ("dataset", "columns", "chosen"): "chosen",
     ("dataset", "columns", "rejected"): "rejected",
     ("objective",): {"type": "sft", "beta": None},
+    ("method", "lora", "use_dora"): False,
+    ("method", "lora", "use_rslora"): False,
 }
 # Nested fields that do not change what is trained: whose checkpoints a run may adopt must not move the run to a
 # new revision, whose empty checkpoint prefix would hold none of them.
